@@ -1,0 +1,227 @@
+"""The built-in DICOM receiver: a C-STORE / C-ECHO SCP that writes into the incoming spool.
+
+An instance is answered Success only after it is on disk durably (temporary name, fsync,
+rename). Anything that cannot be kept, or that is malformed, is answered with a failure status
+and a comment, so that the sender keeps it and retries; the association goes on.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from mercure import hookimpl
+from mercure.config import Config
+from mercure.dicomstream import TruncatedDatasetError, check_dataset
+from mercure.fsutil import is_valid_uid
+from mercure.jobs.incoming import IncomingSpool
+from mercure.logs import get_logger
+from mercure.receivers import Receiver
+from mercure.registry import RegisterFn
+from mercure.tags import read_tags, with_receiver_tags
+
+log = get_logger("mercure.receiver")
+
+UNCOMPRESSED = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_NOT_AUTHORIZED = 0x0124  # Refused: not authorized (C-STORE)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class _MetaBuffer:
+    """Collects the encoded file meta information (pydicom writes it to a file-like)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def tell(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class DicomReceiver(Receiver):
+    """pynetdicom SCP on ``config.port`` (and a DICOM TLS port when configured)."""
+
+    def __init__(self, config: Config, spool: IncomingSpool) -> None:
+        super().__init__(config, spool)
+        self.settings = config.dicom_receiver
+        self.extra_tags = list(self.settings.additional_tags)
+        self.servers: list[ThreadedAssociationServer] = []
+        self.on_stored: Callable[[str, str], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.require_called_aet = False
+        if self.settings.allowed_calling_aets:
+            ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        syntaxes = ALL_TRANSFER_SYNTAXES if self.config.accept_compressed_images else UNCOMPRESSED
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, UNCOMPRESSED)
+        ae.maximum_associations = 64
+        ae.network_timeout = 60
+        ae.acse_timeout = 60
+        ae.dimse_timeout = 60
+        return ae
+
+    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_CONN_OPEN, self.handle_open),
+        ]
+
+    def start(self) -> None:
+        ae = self._make_ae()
+        address = (self.settings.bind_address, self.config.port)
+        server = ae.start_server(address, block=False, evt_handlers=self._handlers())
+        self.servers.append(server)
+        log.info("DICOM receiver listening", address=address[0], port=self.port)
+        tls = self.settings.tls
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+            if tls.ca_cert:
+                context.load_verify_locations(cafile=tls.ca_cert)
+            context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+            tls_server = self._make_ae().start_server(
+                (self.settings.bind_address, tls.port),
+                block=False,
+                evt_handlers=self._handlers(),
+                ssl_context=context,
+            )
+            self.servers.append(tls_server)
+            log.info("DICOM TLS receiver listening", port=tls_server.server_address[1])
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when the configuration asks for port 0)."""
+        return int(self.servers[0].server_address[1])
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.server_address[1]) for s in self.servers]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def _allowed(self, event: Any) -> bool:
+        allowed = self.settings.allowed_addresses
+        return not allowed or event.assoc.requestor.address in allowed
+
+    def handle_open(self, event: Any) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def handle_echo(self, event: Any) -> int:
+        if not self._allowed(event):
+            return STATUS_NOT_AUTHORIZED
+        return STATUS_SUCCESS
+
+    def handle_store(self, event: Any) -> int | Dataset:
+        requestor = event.assoc.requestor
+        sender = f"{requestor.ae_title}@{requestor.address}"
+        if not self._allowed(event):
+            log.warning("refused instance from an address not in allowed_addresses", sender=sender)
+            return _status(STATUS_NOT_AUTHORIZED, "address not allowed")
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        transfer_syntax = UID(event.context.transfer_syntax)
+        stream = request.DataSet.getbuffer()
+        try:
+            return self._store(event, sop_uid, transfer_syntax, stream, sender)
+        finally:
+            del stream  # release the export so pynetdicom can reuse the buffer
+
+    def _store(
+        self, event: Any, sop_uid: str, transfer_syntax: UID, stream: memoryview, sender: str
+    ) -> int | Dataset:
+        if not is_valid_uid(sop_uid):
+            log.warning("refused instance: invalid SOP Instance UID", sender=sender, uid=sop_uid)
+            return _status(STATUS_CANNOT_UNDERSTAND, "invalid SOP Instance UID")
+        try:
+            check_dataset(stream, transfer_syntax)
+        except TruncatedDatasetError as exc:
+            log.warning("refused instance: truncated dataset", sender=sender, sop_uid=sop_uid,
+                        reason=str(exc))
+            return _status(STATUS_CANNOT_UNDERSTAND, f"truncated dataset: {exc}")
+        meta = _MetaBuffer()
+        write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        header = _PREAMBLE + meta.getvalue()
+        try:
+            tags = read_tags(header + bytes(stream), self.extra_tags)
+        except Exception as exc:
+            log.warning("refused instance: not a readable DICOM dataset", sender=sender,
+                        sop_uid=sop_uid, reason=repr(exc))
+            return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        series_uid = tags.get("SeriesInstanceUID", "")
+        if not series_uid:
+            log.warning("refused instance: no SeriesInstanceUID", sender=sender, sop_uid=sop_uid)
+            return _status(STATUS_CANNOT_UNDERSTAND, "SeriesInstanceUID missing")
+        if not is_valid_uid(series_uid):
+            log.warning("refused instance: invalid SeriesInstanceUID", sender=sender,
+                        sop_uid=sop_uid, series_uid=series_uid)
+            return _status(STATUS_CANNOT_UNDERSTAND, "invalid SeriesInstanceUID")
+        requestor = event.assoc.requestor
+        tags = with_receiver_tags(
+            tags,
+            sender_address=str(requestor.address),
+            sender_aet=str(requestor.ae_title).strip(),
+            receiver_aet=str(event.assoc.acceptor.ae_title).strip(),
+        )
+        try:
+            self.spool.store(series_uid, sop_uid, [header, stream], tags)
+        except OSError as exc:
+            log.error("cannot store instance; answered 'out of resources' so the sender retries",
+                      sender=sender, sop_uid=sop_uid, error=str(exc))
+            return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
+        if self.on_stored is not None:
+            self.on_stored(series_uid, sop_uid)
+        return STATUS_SUCCESS
+
+
+@hookimpl
+def register_receivers(register: RegisterFn) -> None:
+    register("dicom", None, DicomReceiver)

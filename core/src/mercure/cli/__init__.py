@@ -1,0 +1,50 @@
+"""The ``mercure`` command line. Plugins add commands through the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mercure import __version__
+
+app = typer.Typer(
+    name="mercure",
+    help="A plugin-based DICOM router: receive, route by rules, process, deliver.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _build() -> typer.Typer:
+    from mercure.cli import config_cmd, jobs_cmd, plugins_cmd, rules_cmd, run_cmd, targets_cmd
+
+    run_cmd.install(app)
+    plugins_cmd.install(app)
+    app.add_typer(config_cmd.app, name="config")
+    app.add_typer(rules_cmd.app, name="rules")
+    app.add_typer(targets_cmd.app, name="targets")
+    jobs_cmd.install(app)
+
+    @app.command()
+    def version() -> None:
+        """Print the version of mercure-core."""
+        typer.echo(__version__)
+
+    try:
+        from mercure.plugins import build_plugin_manager
+
+        build_plugin_manager().hook.register_commands(cli=app)
+    except Exception as exc:  # a broken plugin must not take the CLI down with it
+        typer.secho(f"warning: plugin commands not loaded: {exc}", err=True, fg="yellow")
+    return app
+
+
+def main() -> None:
+    _build()
+    app(prog_name="mercure")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""``mercure queue`` and ``mercure job``: where is a series, why did it fail, send it again."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from mercure.cli.context import ConfigOption, die, load
+from mercure.events import TaskEvent, TaskEventType
+from mercure.jobs.claims import claim_owner
+from mercure.jobs.incoming import instance_files
+from mercure.jobs.store import STATES, JobStore
+from mercure.services.runtime import build_runtime
+
+job_app = typer.Typer(help="Show or retry one job.", no_args_is_help=True)
+
+
+def install(app: typer.Typer) -> None:
+    app.command("queue")(queue)
+    app.add_typer(job_app, name="job")
+
+
+def queue(
+    state: list[str] = typer.Option(
+        [], "--state", "-s", help="Only these states (outgoing, processing, success, error, discard)."
+    ),
+    series: str | None = typer.Option(None, help="Only jobs of this SeriesInstanceUID."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """List jobs by state with their targets, tries and errors."""
+    cfg = load(config).config
+    store = JobStore.from_config(cfg, fsync=False)
+    states = [s for s in STATES if not state or s in state]
+    bad = [s for s in state if s not in STATES]
+    if bad:
+        raise die(f"unknown state(s) {', '.join(bad)}; choose from {', '.join(STATES)}")
+    incoming = cfg.folder("incoming")
+    if not state and incoming.is_dir():
+        arriving = [p for p in incoming.iterdir() if not p.name.startswith(".")]
+        if arriving and not as_json:
+            typer.echo(f"incoming: {len(arriving)} series still arriving")
+    for st in states:
+        refs = sorted(store.list([st]), key=lambda r: r.path.stat().st_mtime)
+        if not as_json:
+            typer.echo(f"{st}: {len(refs)} job(s)")
+        for ref in refs:
+            try:
+                task = store.read(ref)
+            except (OSError, ValueError) as exc:
+                typer.echo(f"  {ref.id}  (task.json unreadable: {exc})")
+                continue
+            if series and task.info.uid != series:
+                continue
+            d = task.dispatch_state
+            row = {
+                "id": ref.id,
+                "state": st,
+                "series_uid": task.info.uid,
+                "action": task.info.action,
+                "targets": task.target_names,
+                "retries": d.retries if d else None,
+                "next_retry_at": d.next_retry_at if d else None,
+                "error": task.error,
+                "instances": len(instance_files(ref.path)),
+            }
+            if as_json:
+                typer.echo(json.dumps(row))
+                continue
+            extra = ""
+            if d and d.retries:
+                wait = max(0.0, float(d.next_retry_at or 0) - time.time())
+                extra = f"  tries={d.retries} next in {wait:.0f}s"
+            if task.error:
+                extra += f"  error: {task.error}"
+            typer.echo(
+                f"  {ref.id}  {task.info.action:<12} -> {','.join(task.target_names) or '-':<16}"
+                f" {row['instances']} inst  series {task.info.uid}{extra}"
+            )
+
+
+@job_app.command("show")
+def show(
+    task_id: str = typer.Argument(..., help="Job id (a unique prefix is enough)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Show one job: its state, task file, and who holds it."""
+    cfg = load(config).config
+    store = JobStore.from_config(cfg, fsync=False)
+    ref = store.find(task_id)
+    if ref is None:
+        raise die(f"no job '{task_id}' in any state folder")
+    typer.echo(f"job {ref.id}: {ref.state} ({ref.path})")
+    typer.echo(f"instances: {len(instance_files(ref.path))}")
+    owner = claim_owner(ref.path)
+    if owner:
+        typer.echo(f"last claimed by: {owner}")
+    typer.echo((ref.path / "task.json").read_text())
+
+
+@job_app.command("retry")
+def retry(
+    task_id: str = typer.Argument(..., help="Job id in error/ (a unique prefix is enough)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Move a job from error/ back to outgoing/ with its tries reset; delivered files stay done."""
+    loaded = load(config)
+    store = JobStore.from_config(loaded.config)
+    ref = store.find(task_id)
+    if ref is None:
+        raise die(f"no job '{task_id}' in any state folder")
+    if ref.state != "error":
+        raise die(f"job {ref.id} is in {ref.state}/, not error/; only failed jobs can be retried")
+    claim = store.claim(ref)
+    if claim is None:
+        raise die(f"job {ref.id} is held by another process; try again in a moment")
+    with claim:
+        task = store.read(ref)
+        d = task.dispatch_state
+        if d is None:
+            raise die(f"job {ref.id} has no dispatch section; it cannot be sent again")
+        task.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry after: {task.error}")
+        task.error = None
+        d.retries = 0
+        d.next_retry_at = 0
+        store.write(ref, task)
+        store.move(ref, "outgoing", claim)
+    build_runtime(loaded.config, loaded.plugins).emit(
+        TaskEvent(TaskEventType.MANUAL_RETRY, ref.id, task.info.uid, ",".join(task.target_names))
+    )
+    typer.echo(f"job {ref.id} moved back to outgoing/; the dispatcher sends it on its next pass")

@@ -1,0 +1,47 @@
+"""``mercure run``: start the services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mercure.cli.context import ConfigOption, DataOption, die, load
+from mercure.logs import configure_logging, get_logger
+from mercure.services.runtime import build_runtime
+from mercure.services.supervisor import SERVICES, Supervisor
+
+
+def install(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        config: Path | None = ConfigOption,
+        data: Path | None = DataOption,
+        only: str = typer.Option(
+            ",".join(SERVICES),
+            "--only",
+            help="Comma-separated services to start in this process "
+            "(receiver, router, dispatcher, cleaner), to run them as separate processes.",
+        ),
+        port: int | None = typer.Option(None, help="Override the DICOM port of the configuration."),
+    ) -> None:
+        """Start the router: by default all services in this process, until SIGTERM or Ctrl-C."""
+        loaded = load(config, data)
+        cfg = loaded.config
+        if port is not None:
+            cfg = cfg.model_copy(update={"port": port})
+        configure_logging(cfg.log_level)
+        log = get_logger("mercure.run")
+        for warning in loaded.warnings:
+            log.warning("configuration warning", detail=warning)
+        names = [s.strip() for s in only.split(",") if s.strip()]
+        log.info("configuration loaded", source=loaded.source, rules=len(cfg.rules),
+                 targets=len(cfg.targets))
+        try:
+            supervisor = Supervisor(build_runtime(cfg, loaded.plugins), names)
+        except ValueError as exc:
+            raise die(str(exc)) from None
+        try:
+            supervisor.run_forever()
+        except OSError as exc:
+            raise die(f"cannot start: {exc}") from None

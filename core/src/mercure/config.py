@@ -1,0 +1,409 @@
+"""mercure's configuration (``mercure.json``) as pydantic models.
+
+Field names, defaults and meaning are mercure's, so an existing ``mercure.json`` loads
+unchanged. The ``targets`` section is validated against the target types that the installed
+plugins registered: each ``target_type`` selects its plugin's model, and a type that no plugin
+provides fails with the distribution to install. Fields this project adds all have defaults.
+
+Secrets (passwords, keys, tokens) may be written as ``"${env:NAME}"`` or ``"${file:/path}"``
+instead of plaintext; they are resolved when the configuration loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+)
+
+from mercure.targets import TargetConfig
+
+if TYPE_CHECKING:
+    from mercure.registry import Registry
+
+_SECRET_REF = re.compile(r"^\$\{(env|file):(.+)\}$")
+
+
+def resolve_secret(value: Any) -> Any:
+    """Replace ``${env:NAME}`` / ``${file:/path}`` with the variable's or the file's content."""
+    if not isinstance(value, str):
+        return value
+    match = _SECRET_REF.match(value.strip())
+    if not match:
+        return value
+    source, ref = match.groups()
+    if source == "env":
+        if ref not in os.environ:
+            raise ValueError(f"environment variable {ref} is not set (referenced as {value})")
+        return os.environ[ref]
+    try:
+        return Path(ref).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {ref}: {exc.strerror}") from None
+
+
+Secret = Annotated[str, BeforeValidator(resolve_secret)]
+"""A string field that may be given as a reference to an environment variable or a file."""
+OptionalSecret = Annotated[str | None, BeforeValidator(resolve_secret)]
+
+
+class ReceiverTLSConfig(BaseModel):
+    """DICOM TLS for the built-in receiver (paths to PEM files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = 11113
+    key: str
+    cert: str
+    ca_cert: str = ""
+    require_client_cert: bool = True
+
+
+class DicomReceiverConfig(BaseModel):
+    """mercure's ``dicom_receiver`` section, plus access control and TLS."""
+
+    model_config = ConfigDict(extra="allow")
+
+    additional_tags: dict[str, str] = {}
+    ae_title: str = "ANY-SCP"
+    allowed_calling_aets: list[str] = []
+    allowed_addresses: list[str] = []
+    bind_address: str = "0.0.0.0"
+    max_pdu: int = 0
+    tls: ReceiverTLSConfig | None = None
+
+
+class ProcessingLogsConfig(BaseModel):
+    discard_logs: bool = False
+    logs_file_store: str | None = None
+
+
+class Module(BaseModel):
+    """A processing module (usually a container image) as mercure defines it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    docker_tag: str | None = ""
+    additional_volumes: str | None = ""
+    environment: str | None = ""
+    docker_arguments: str | None = ""
+    settings: dict[str, Any] = {}
+    contact: str | None = ""
+    comment: str | None = ""
+    constraints: str | None = ""
+    resources: str | None = ""
+    requires_root: bool | None = False
+
+
+Action = Literal["route", "both", "process", "discard", "notification"]
+
+
+class Rule(BaseModel):
+    """A routing rule: mercure's fields and defaults. ``target`` may name several targets."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rule: str = "False"
+    target: str | list[str] = ""
+    disabled: bool = False
+    fallback: bool = False
+    contact: str = ""
+    comment: str = ""
+    tags: str = ""
+    action: Action = "route"
+    action_trigger: Literal["series", "study"] = "series"
+    study_trigger_condition: Literal["timeout", "received_series"] = "timeout"
+    study_trigger_series: str = ""
+    priority: Literal["normal", "urgent", "offpeak"] = "normal"
+    processing_module: str | list[str] = ""
+    processing_settings: list[dict[str, Any]] | dict[str, Any] = {}
+    processing_retain_images: bool = False
+    notification_email: str = ""
+    notification_webhook: str = ""
+    notification_payload: str = ""
+    notification_payload_body: str = ""
+    notification_email_body: str = ""
+    notification_email_type: str = "plain"
+    notification_trigger_reception: bool = True
+    notification_trigger_completion: bool = True
+    notification_trigger_completion_on_request: bool = False
+    notification_trigger_error: bool = True
+
+    @property
+    def targets(self) -> list[str]:
+        """The distinct target names of this rule, in order."""
+        names = [self.target] if isinstance(self.target, str) else list(self.target)
+        return list(dict.fromkeys(n for n in names if n))
+
+    @property
+    def modules(self) -> list[str]:
+        names = (
+            [self.processing_module]
+            if isinstance(self.processing_module, str)
+            else list(self.processing_module)
+        )
+        return [n for n in names if n]
+
+
+class Config(BaseModel):
+    """The whole ``mercure.json``. Unknown top-level keys are kept and reported as warnings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    appliance_name: str = "master"
+    port: int = 11112
+    accept_compressed_images: bool = False
+    incoming_folder: str = "/opt/mercure/data/incoming"
+    studies_folder: str = "/opt/mercure/data/studies"
+    outgoing_folder: str = "/opt/mercure/data/outgoing"
+    success_folder: str = "/opt/mercure/data/success"
+    error_folder: str = "/opt/mercure/data/error"
+    discard_folder: str = "/opt/mercure/data/discard"
+    processing_folder: str = "/opt/mercure/data/processing"
+    router_scan_interval: int = 1
+    dispatcher_scan_interval: int = 1
+    cleaner_scan_interval: int = 60
+    retention: int = 259200
+    emergency_clean_percentage: int = 90
+    retry_delay: int = 900
+    retry_max: int = 5
+    series_complete_trigger: int = 60
+    study_complete_trigger: int = 900
+    study_forcecomplete_trigger: int = 5400
+    dicom_receiver: DicomReceiverConfig = DicomReceiverConfig()
+    graphite_ip: str = ""
+    graphite_port: int = 2003
+    influxdb_host: str = ""
+    influxdb_token: OptionalSecret = ""
+    influxdb_org: str = ""
+    influxdb_bucket: str = ""
+    bookkeeper: str = "0.0.0.0:8080"
+    offpeak_start: str = "22:00"
+    offpeak_end: str = "06:00"
+    targets: dict[str, SerializeAsAny[TargetConfig]] = {}
+    rules: dict[str, Rule] = {}
+    modules: dict[str, Module] = {}
+    process_runner: str = ""
+    processing_runtime: str | None = None
+    bookkeeper_api_key: OptionalSecret = None
+    features: dict[str, bool] = {}
+    processing_logs: ProcessingLogsConfig = ProcessingLogsConfig()
+    email_notification_from: str = "mercure@mercure.mercure"
+    support_root_modules: bool | None = False
+    webhook_certificate_location: str | None = None
+
+    # Added by this project (mercure ignores them).
+    plugin_folder: str | None = None
+    dispatcher_workers: int = Field(default=4, ge=1)
+    retry_delay_max: int = Field(default=21600, ge=1)
+    log_level: str = "INFO"
+
+    def folder(self, name: str) -> Path:
+        """A spool folder by mercure's short name (``incoming``, ``outgoing``, ...)."""
+        return Path(getattr(self, f"{name}_folder"))
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` holds ``(json_path, message)`` pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {path}: {message}" for path, message in errors)
+        super().__init__(f"configuration {source} has {len(errors)} error(s):\n{lines}")
+
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(root)"
+
+
+def _config_model(registry: Registry) -> type[Config]:
+    """A Config subclass whose ``targets`` is the tagged union of the registered target models."""
+    models = registry.config_models("target")
+    if not models:
+        return Config
+    union: Any = models[0] if len(models) == 1 else Union[tuple(models)]  # noqa: UP007
+    if len(models) > 1:
+        union = Annotated[union, Field(discriminator="target_type")]
+    model: type[Config] = create_model(
+        "PluginConfig", __base__=Config, targets=(dict[str, union], {})
+    )
+    return model
+
+
+def validate_config(
+    data: Mapping[str, Any], registry: Registry, source: str = "(in memory)"
+) -> tuple[Config, list[str]]:
+    """Validate a parsed ``mercure.json``; return the config and a list of warnings.
+
+    Raises :class:`ConfigError` listing every error with its JSON path.
+    """
+    errors: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    raw = dict(data)
+
+    targets = raw.get("targets", {})
+    known_types = set(registry.names("target"))
+    if isinstance(targets, dict):
+        cleaned_targets: dict[str, Any] = {}
+        for name, target in targets.items():
+            if isinstance(target, dict) and "target_type" not in target:
+                # mercure's oldest configurations have DICOM targets without a type.
+                target = {**target, "target_type": "dicom"}
+            ttype = target.get("target_type") if isinstance(target, dict) else None
+            if isinstance(ttype, str) and ttype not in known_types:
+                from mercure.registry import UnknownTypeError
+
+                errors.append(
+                    (
+                        f"targets.{name}.target_type",
+                        str(UnknownTypeError("target", ttype, sorted(known_types))),
+                    )
+                )
+                continue
+            cleaned_targets[name] = target
+        raw["targets"] = cleaned_targets
+
+    model = _config_model(registry)
+    config: Config | None = None
+    try:
+        config = model.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # Drop the union tag pydantic inserts after the target name.
+            if len(loc) >= 3 and loc[0] == "targets" and loc[2] in known_types:
+                loc = loc[:2] + loc[3:]
+            errors.append((_loc_to_path(loc), err["msg"]))
+
+    if config is not None:
+        errors.extend(_check_references(config, registry))
+        warnings.extend(_warnings(config))
+    if errors:
+        raise ConfigError(source, errors)
+    assert config is not None
+    return config, warnings
+
+
+def _check_references(config: Config, registry: Registry) -> list[tuple[str, str]]:
+    """Rules must parse and name existing targets and modules."""
+    from mercure.rules import RuleError, compile_rule
+
+    errors: list[tuple[str, str]] = []
+    for name, rule in config.rules.items():
+        try:
+            compile_rule(rule.rule)
+        except RuleError as exc:
+            errors.append((f"rules.{name}.rule", str(exc)))
+        if rule.action in ("route", "both"):
+            for target in rule.targets:
+                if target not in config.targets:
+                    errors.append(
+                        (
+                            f"rules.{name}.target",
+                            f"target '{target}' is not defined in 'targets' "
+                            f"(defined: {', '.join(sorted(config.targets)) or 'none'})",
+                        )
+                    )
+            if not rule.targets and not rule.disabled:
+                errors.append((f"rules.{name}.target", f"action '{rule.action}' needs a target"))
+        if rule.action in ("process", "both"):
+            for module in rule.modules:
+                if module not in config.modules:
+                    errors.append(
+                        (
+                            f"rules.{name}.processing_module",
+                            f"module '{module}' is not defined in 'modules'",
+                        )
+                    )
+    if config.process_runner and config.process_runner not in registry.names("runner"):
+        from mercure.registry import UnknownTypeError
+
+        errors.append(
+            (
+                "process_runner",
+                str(UnknownTypeError("runner", config.process_runner, registry.names("runner"))),
+            )
+        )
+    return errors
+
+
+def _warnings(config: Config) -> list[str]:
+    warnings: list[str] = []
+    for key in sorted(config.model_extra or {}):
+        warnings.append(f"{key}: unknown setting, ignored")
+    for name, rule in config.rules.items():
+        if rule.action_trigger == "study" and not rule.disabled:
+            warnings.append(
+                f"rules.{name}.action_trigger: study-level triggers are not supported yet; "
+                "the rule is applied to each series"
+            )
+    return warnings
+
+
+def load_config(path: Path, registry: Registry) -> tuple[Config, list[str]]:
+    """Read and validate a ``mercure.json`` file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [("(file)", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            str(path), [("(file)", f"not valid JSON: {exc.msg} at line {exc.lineno}:{exc.colno}")]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [("(root)", "must be a JSON object")])
+    return validate_config(data, registry, str(path))
+
+
+def default_config_data(data_folder: Path) -> dict[str, Any]:
+    """A working configuration: receive on 11112, route everything to a folder target."""
+    data_folder = data_folder.resolve()
+    folders = {
+        f"{name}_folder": str(data_folder / name)
+        for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
+    }
+    return {
+        "appliance_name": "master",
+        "port": 11112,
+        **folders,
+        "series_complete_trigger": 5,
+        "retry_delay": 30,
+        "retry_max": 5,
+        "targets": {
+            "local_folder": {
+                "target_type": "folder",
+                "folder": str(data_folder / "target"),
+                "comment": "Everything the router receives ends up here.",
+            }
+        },
+        "rules": {
+            "route_all": {
+                "rule": "True",
+                "target": "local_folder",
+                "action": "route",
+                "comment": "Route every series to the local folder target.",
+            }
+        },
+    }

@@ -1,0 +1,40 @@
+"""Events that observers receive through the ``on_task_event`` hook."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class TaskEventType(StrEnum):
+    """What happened to a job (mercure's task events, plus the router's own)."""
+
+    REGISTERED = "register"
+    ROUTED = "route"
+    DISCARDED = "discard"
+    DELIVERED = "dispatch"
+    DELIVERY_FAILED = "dispatch_fail"
+    RETRY_SCHEDULED = "delay"
+    MOVED_TO_ERROR = "error"
+    COMPLETED = "complete"
+    QUEUED_FOR_PROCESSING = "process"
+    NOTIFICATION = "notification"
+    MANUAL_RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One step in a job's life, reported after the change is durable."""
+
+    type: TaskEventType
+    task_id: str
+    series_uid: str = ""
+    target: str = ""
+    file_count: int = 0
+    info: str = ""
+    rule: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)

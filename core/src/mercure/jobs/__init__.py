@@ -1,0 +1,1 @@
+"""The durable job store: spool folders, task files and claims."""

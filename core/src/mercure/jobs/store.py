@@ -1,0 +1,178 @@
+"""Job folders and their states.
+
+A job is a folder named by its task id holding the instance files and ``task.json``. Its state
+is the spool folder it is in; it changes state by an atomic rename while claimed::
+
+    outgoing/    waiting for the dispatcher (and being sent)
+    processing/  waiting for a processing module
+    success/     every target confirmed every instance
+    error/       gave up after retry_max tries; task.json says why; kept until an operator acts
+    discard/     matched no rule, or a rule discarded it; kept for the retention period
+
+Jobs are built in a hidden staging folder (``<state>/.new-<id>``) and renamed into place, so a
+job folder that is visible is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mercure.config import Config
+from mercure.fsutil import durable_rename, fsync_dir, link_or_copy, remove_tree
+from mercure.jobs.claims import Claim, try_claim
+from mercure.jobs.task import TASKFILE, Task, read_task, write_task
+
+State = Literal["outgoing", "processing", "success", "error", "discard"]
+STATES: tuple[State, ...] = ("outgoing", "processing", "success", "error", "discard")
+STAGING_PREFIX = ".new-"
+
+
+class JobNotFoundError(LookupError):
+    """No job with that id exists in any state folder."""
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job folder and its state."""
+
+    id: str
+    state: State
+    path: Path
+
+
+class JobStore:
+    """Creates jobs, finds them, and moves them between states."""
+
+    def __init__(self, folders: dict[State, Path], *, fsync: bool = True) -> None:
+        self.folders = folders
+        self.fsync = fsync
+        for path in folders.values():
+            path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, config: Config, *, fsync: bool = True) -> JobStore:
+        return cls({state: config.folder(state) for state in STATES}, fsync=fsync)
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def path(self, state: State, task_id: str) -> Path:
+        return self.folders[state] / task_id
+
+    def find(self, task_id: str) -> JobRef | None:
+        """The job's current folder, or None. A unique prefix of the id is accepted."""
+        for state in STATES:
+            path = self.folders[state] / task_id
+            if path.is_dir():
+                return JobRef(task_id, state, path)
+        matches = [ref for ref in self.list() if ref.id.startswith(task_id)]
+        return matches[0] if len(matches) == 1 else None
+
+    def exists(self, task_id: str) -> bool:
+        return any((self.folders[state] / task_id).is_dir() for state in STATES)
+
+    def list(self, states: Iterable[State] = STATES) -> list[JobRef]:
+        refs: list[JobRef] = []
+        for state in states:
+            with os.scandir(self.folders[state]) as entries:
+                refs.extend(
+                    JobRef(e.name, state, Path(e.path))
+                    for e in entries
+                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+                )
+        return refs
+
+    # -- creation ----------------------------------------------------------------------------
+
+    def create(self, state: State, task: Task, files: Iterable[Path]) -> JobRef:
+        """Build a job from ``files`` (hard-linked) and ``task``; idempotent per task id.
+
+        If the job already exists in any state nothing is done, so a router that crashed half
+        way can run its plan again without creating a job twice.
+        """
+        existing = self.find_exact(task.id)
+        if existing is not None:
+            return existing
+        staging = self.folders[state] / f"{STAGING_PREFIX}{task.id}"
+        if staging.exists():
+            remove_tree(staging)
+        staging.mkdir()
+        building = try_claim(staging)  # keeps clean_staging() of other processes away
+        for src in files:
+            link_or_copy(src, staging / src.name)
+        write_task(staging, task, fsync=False)
+        if self.fsync:
+            for entry in os.scandir(staging):
+                with contextlib.suppress(OSError):
+                    fd = os.open(entry.path, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            fsync_dir(staging)
+        final = self.folders[state] / task.id
+        os.rename(staging, final)
+        if self.fsync:
+            fsync_dir(self.folders[state])
+        if building is not None:
+            building.release()
+        return JobRef(task.id, state, final)
+
+    def find_exact(self, task_id: str) -> JobRef | None:
+        for state in STATES:
+            path = self.folders[state] / task_id
+            if path.is_dir():
+                return JobRef(task_id, state, path)
+        return None
+
+    # -- state changes -----------------------------------------------------------------------
+
+    def claim(self, ref: JobRef) -> Claim | None:
+        return try_claim(ref.path)
+
+    def move(self, ref: JobRef, state: State, claim: Claim | None = None) -> JobRef:
+        """Rename a (claimed) job into another state folder and stamp the time it arrived."""
+        dest = self.folders[state] / ref.id
+        if self.fsync:
+            durable_rename(ref.path, dest)
+        else:
+            os.rename(ref.path, dest)
+        now = time.time()
+        with contextlib.suppress(OSError):
+            os.utime(dest, (now, now))
+        if claim is not None:
+            claim.moved_to(dest)
+        return JobRef(ref.id, state, dest)
+
+    def read(self, ref: JobRef) -> Task:
+        return read_task(ref.path)
+
+    def write(self, ref: JobRef, task: Task) -> None:
+        write_task(ref.path, task, fsync=self.fsync)
+
+    def delete(self, ref: JobRef) -> None:
+        remove_tree(ref.path)
+
+    def age(self, ref: JobRef, now: float | None = None) -> float:
+        """Seconds since the job entered its current state."""
+        now = time.time() if now is None else now
+        try:
+            return now - ref.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def clean_staging(self) -> None:
+        """Remove staging folders of creators that died (safe: they were never visible)."""
+        for folder in self.folders.values():
+            for entry in os.scandir(folder):
+                if entry.name.startswith(STAGING_PREFIX):
+                    claim = try_claim(Path(entry.path))
+                    if claim is not None:
+                        with claim:
+                            remove_tree(Path(entry.path))
+
+
+__all__ = ["STATES", "TASKFILE", "JobNotFoundError", "JobRef", "JobStore", "State"]

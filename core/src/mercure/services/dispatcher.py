@@ -1,0 +1,243 @@
+"""The dispatcher: delivers jobs in ``outgoing/`` to their targets.
+
+Each job is claimed, its pending instances (those no target confirmed yet) are handed to the
+target plugin, and what the plugin confirms is written to the task file before anything else
+happens. A job whose instances are all confirmed moves to ``success/``; one that failed waits
+``retry_delay`` (doubling each time, with jitter) and is tried again, up to ``retry_max``
+times, then moves to ``error/`` with the reason in its task file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from mercure.config import Config
+from mercure.events import TaskEvent, TaskEventType
+from mercure.jobs.incoming import instance_files
+from mercure.jobs.store import JobRef
+from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
+from mercure.metrics import Metric
+from mercure.services.base import Service
+from mercure.services.runtime import Runtime
+from mercure.targets import DeliveryJob, DeliveryResult
+
+MAX_ATTEMPTS_KEPT = 20
+
+
+def retry_delay(config: Config, retries: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before try number ``retries + 1``: exponential, capped, with jitter."""
+    base = min(config.retry_delay * (2 ** max(retries - 1, 0)), config.retry_delay_max)
+    return float(base) * (rng or random).uniform(0.8, 1.2)
+
+
+class Dispatcher(Service):
+    """Sends due jobs, several at once (``dispatcher_workers``)."""
+
+    name = "dispatcher"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime.config.dispatcher_scan_interval)
+        self.runtime = runtime
+        self.pool = ThreadPoolExecutor(
+            max_workers=runtime.config.dispatcher_workers, thread_name_prefix="dispatch"
+        )
+        self.in_flight: dict[str, Future[None]] = {}
+        self.due_at: dict[str, float] = {}  # job id -> next_retry_at, so a pass reads no files
+        self._lock = threading.Lock()
+
+    def run_once(self) -> int:
+        outgoing = self.runtime.store.folders["outgoing"]
+        with os.scandir(outgoing) as entries:
+            names = [e.name for e in entries if not e.name.startswith(".")]
+        now = time.time()
+        present = set(names)
+        with self._lock:
+            for gone in set(self.due_at) - present:
+                del self.due_at[gone]
+            done = [i for i, f in self.in_flight.items() if f.done()]
+            for job_id in done:
+                del self.in_flight[job_id]
+            free = self.runtime.config.dispatcher_workers * 2 - len(self.in_flight)
+        submitted = 0
+        for name in sorted(names, key=lambda n: self.due_at.get(n, 0.0)):
+            if free <= 0 or self.stop_event.is_set():
+                break
+            if name in self.in_flight:
+                continue
+            due = self.due_at.get(name)
+            if due is None:
+                due = self._read_due(outgoing / name)
+                if due is None:
+                    continue
+                self.due_at[name] = due
+            if due > now:
+                continue
+            ref = JobRef(name, "outgoing", outgoing / name)
+            with self._lock:
+                self.in_flight[name] = self.pool.submit(self._deliver_logged, ref)
+            free -= 1
+            submitted += 1
+        if submitted == 0 and self.in_flight:
+            # Wait a little for running jobs instead of spinning.
+            time.sleep(min(self.interval, 0.05))
+        return submitted
+
+    def _read_due(self, folder: Path) -> float | None:
+        try:
+            task = Task.model_validate_json((folder / "task.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return 0.0  # unreadable task file: let deliver() move it to error with the reason
+        dispatch = task.dispatch_state
+        return float(dispatch.next_retry_at or 0.0) if dispatch else 0.0
+
+    def _deliver_logged(self, ref: JobRef) -> None:
+        try:
+            self.deliver(ref)
+        except Exception:
+            self.log.exception("delivering job failed unexpectedly", task_id=ref.id)
+
+    def deliver(self, ref: JobRef) -> None:
+        """Claim one job and try to deliver what is still pending."""
+        store = self.runtime.store
+        claim = store.claim(ref)
+        if claim is None:
+            return  # another dispatcher has it, or it moved on
+        with claim:
+            log = self.log.bind(task_id=ref.id)
+            try:
+                task = store.read(ref)
+            except FileNotFoundError:
+                return
+            except ValueError as exc:
+                self._to_error(ref, None, claim, f"task.json cannot be read: {exc}")
+                return
+            dispatch = task.dispatch_state
+            if dispatch is None:
+                self._to_error(ref, task, claim, "task.json has no dispatch section")
+                return
+            if float(dispatch.next_retry_at or 0.0) > time.time():
+                self.due_at[ref.id] = float(dispatch.next_retry_at or 0.0)
+                return  # a manual change or another dispatcher rescheduled it
+            log = log.bind(series_uid=dispatch.series_uid)
+            files = instance_files(ref.path)
+            errors: list[str] = []
+            for target_name in task.target_names:
+                error = self._deliver_to(ref, task, dispatch, target_name, files)
+                if error:
+                    errors.append(f"{target_name}: {error}")
+            if not errors:
+                store.write(ref, task)
+                done = store.move(ref, "success", claim)
+                log.info("job delivered", targets=task.target_names, instances=len(files))
+                self.runtime.emit(
+                    TaskEvent(TaskEventType.COMPLETED, ref.id, dispatch.series_uid or "",
+                              ", ".join(task.target_names), len(files), tags=task.tags)
+                )
+                for rule in self._rules(task):
+                    self.runtime.notify_rule("completion", rule, ref.id, task.tags)
+                self.runtime.metrics(
+                    Metric("dispatcher.jobs_delivered", 1, {"target": ",".join(task.target_names)})
+                )
+                del done
+                return
+            reason = "; ".join(errors)
+            dispatch.retries = (dispatch.retries or 0) + 1
+            if dispatch.retries > self.runtime.config.retry_max:
+                self._to_error(ref, task, claim,
+                               f"gave up after {dispatch.retries} tries: {reason}")
+                return
+            delay = retry_delay(self.runtime.config, dispatch.retries)
+            dispatch.next_retry_at = time.time() + delay
+            store.write(ref, task)
+            self.due_at[ref.id] = dispatch.next_retry_at
+            log.warning("delivery failed; will retry", retry=dispatch.retries,
+                        retry_max=self.runtime.config.retry_max, in_seconds=round(delay, 1),
+                        reason=reason)
+            self.runtime.emit(
+                TaskEvent(TaskEventType.RETRY_SCHEDULED, ref.id, dispatch.series_uid or "",
+                          ", ".join(task.target_names), len(files), info=reason, tags=task.tags)
+            )
+
+    def _deliver_to(
+        self, ref: JobRef, task: Task, dispatch: TaskDispatch, target_name: str, files: list[Path]
+    ) -> str | None:
+        """Send the files ``target_name`` has not confirmed; record the result in ``task``."""
+        delivered = set(dispatch.delivered.get(target_name, []))
+        pending = [f for f in files if f.name not in delivered]
+        if not pending:
+            return None
+        if target_name not in self.runtime.config.targets:
+            return f"target '{target_name}' is not in the configuration any more"
+        try:
+            target = self.runtime.target(target_name)
+            result = target.send(
+                DeliveryJob(task_id=ref.id, folder=ref.path, files=pending, tags=task.tags,
+                            task=task)
+            )
+        except Exception as exc:
+            result = DeliveryResult(error=f"{exc.__class__.__name__}: {exc}" if not str(exc)
+                                    .strip() else str(exc))
+        pending_names = {f.name for f in pending}
+        confirmed = [n for n in result.delivered if n in pending_names]
+        delivered.update(confirmed)
+        dispatch.delivered[target_name] = sorted(delivered)
+        failed = {n: r for n, r in result.failed.items() if n in pending_names}
+        still_missing = pending_names - delivered
+        general = result.error or "target did not confirm these instances"
+        for name in still_missing:
+            failed.setdefault(name, general)
+        if failed:
+            dispatch.failed[target_name] = failed
+        else:
+            dispatch.failed.pop(target_name, None)
+        dispatch.attempts.append(
+            DeliveryAttempt(at=time.time(), target=target_name, delivered=len(confirmed),
+                            failed=len(still_missing), error=result.error)
+        )
+        del dispatch.attempts[:-MAX_ATTEMPTS_KEPT]
+        if confirmed:
+            self.runtime.emit(
+                TaskEvent(TaskEventType.DELIVERED, ref.id, dispatch.series_uid or "",
+                          target_name, len(confirmed), tags=task.tags)
+            )
+        if not still_missing:
+            return None
+        if result.error:
+            return f"{len(still_missing)} of {len(pending)} instance(s) not delivered: {result.error}"
+        first = sorted(failed.items())[:3]
+        detail = ", ".join(f"{n}: {r}" for n, r in first)
+        return f"{len(still_missing)} of {len(pending)} instance(s) not delivered ({detail})"
+
+    def _to_error(self, ref: JobRef, task: Task | None, claim: object, reason: str) -> None:
+        from mercure.jobs.claims import Claim
+
+        if task is not None:
+            task.error = reason
+            task.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} error: {reason}")
+            self.runtime.store.write(ref, task)
+        self.runtime.store.move(ref, "error", claim if isinstance(claim, Claim) else None)
+        self.log.error("job moved to error", task_id=ref.id, reason=reason)
+        tags = task.tags if task else {}
+        self.runtime.emit(
+            TaskEvent(TaskEventType.MOVED_TO_ERROR, ref.id, tags.get("SeriesInstanceUID", ""),
+                      ", ".join(task.target_names) if task else "", info=reason, tags=tags)
+        )
+        if task is not None:
+            for rule in self._rules(task):
+                self.runtime.notify_rule("error", rule, ref.id, task.tags, reason)
+
+    @staticmethod
+    def _rules(task: Task) -> list[str]:
+        rules = task.info.triggered_rules
+        return list(rules) if isinstance(rules, dict) else []
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.runtime.close()

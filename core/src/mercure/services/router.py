@@ -1,0 +1,247 @@
+"""The router: turns complete series into jobs according to the rules.
+
+For each series that has been quiet for ``series_complete_trigger`` seconds:
+
+1. take it out of the incoming spool (an atomic rename) and claim it;
+2. evaluate the rules on its tags and write the resulting plan (``plan.json``) durably;
+3. create every planned job (idempotent per task id) in ``outgoing/``, ``processing/`` or
+   ``discard/``;
+4. remove the series folder.
+
+A router killed at any point leaves the series in ``incoming/.routing`` with or without a
+plan; the next router pass claims it and finishes the same plan, so no job is made twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mercure import __version__
+from mercure.config import Config, Rule
+from mercure.events import TaskEvent, TaskEventType
+from mercure.fsutil import atomic_write_json, remove_tree
+from mercure.jobs.claims import try_claim
+from mercure.jobs.incoming import instance_files, read_series_tags
+from mercure.jobs.store import State
+from mercure.jobs.task import Task, TaskDispatch, TaskInfo, TaskProcessing
+from mercure.rules import RuleResult, compile_rule
+from mercure.services.base import Service
+from mercure.services.runtime import Runtime
+from mercure.tags import read_tags
+
+PLAN_FILE = "plan.json"
+DONE_PREFIX = ".done-"
+
+
+@dataclass
+class Decision:
+    """What the rules decided for one series."""
+
+    triggered: list[str]
+    results: dict[str, RuleResult]
+    fallback_used: bool = False
+    discard_rule: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate_rules(config: Config, tags: dict[str, str]) -> Decision:
+    """Apply mercure's rule semantics: enabled rules, else fallback rules; discard wins."""
+    results: dict[str, RuleResult] = {}
+    triggered: list[str] = []
+    for name, rule in config.rules.items():
+        if rule.disabled or rule.fallback:
+            continue
+        result = compile_rule(rule.rule).evaluate(tags)
+        results[name] = result
+        if result.matched:
+            triggered.append(name)
+    fallback_used = False
+    if not triggered:
+        for name, rule in config.rules.items():
+            if rule.fallback and not rule.disabled:
+                triggered.append(name)
+                fallback_used = True
+    discard_rule = next((n for n in triggered if config.rules[n].action == "discard"), None)
+    return Decision(triggered, results, fallback_used, discard_rule)
+
+
+@dataclass
+class PlannedJob:
+    id: str
+    state: State
+    task: dict[str, Any]
+    event: str
+    rules: list[str]
+
+
+def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[PlannedJob]:
+    """Turn a decision into jobs: one per distinct target, one per processing rule."""
+    series_uid = tags.get("SeriesInstanceUID", "")
+    now = time.time()
+
+    def task(action: str, rules: list[str], **sections: Any) -> dict[str, Any]:
+        task_id = str(uuid.uuid4())
+        info = TaskInfo(
+            action=action,  # type: ignore[arg-type]
+            uid=series_uid,
+            uid_type="series",
+            triggered_rules=dict.fromkeys(rules, True) if rules else "",
+            applied_rule=rules[0] if rules else None,
+            patient_name=tags.get("PatientName", "MISSING"),
+            mrn=tags.get("PatientID", "MISSING"),
+            acc=tags.get("AccessionNumber", "MISSING"),
+            sender_address=tags.get("SenderAddress", "MISSING"),
+            mercure_version=__version__,
+            mercure_appliance=config.appliance_name,
+            mercure_server=socket.gethostname(),
+            device_serial_number=tags.get("DeviceSerialNumber"),
+        )
+        return Task(info=info, id=task_id, created_at=now, tags=tags, **sections).model_dump(
+            mode="json"
+        )
+
+    if decision.discard_rule is not None or not decision.triggered:
+        rules = [decision.discard_rule] if decision.discard_rule else []
+        t = task("discard", rules)
+        return [PlannedJob(t["id"], "discard", t, TaskEventType.DISCARDED, rules)]
+
+    jobs: list[PlannedJob] = []
+    route_targets: dict[str, list[str]] = {}
+    notification_only: list[str] = []
+    for name in decision.triggered:
+        rule: Rule = config.rules[name]
+        if rule.action == "route":
+            for target in rule.targets:
+                route_targets.setdefault(target, []).append(name)
+        elif rule.action in ("process", "both"):
+            modules = rule.modules
+            settings = rule.processing_settings
+            processes = [
+                TaskProcessing(
+                    module_name=module,
+                    module_config=config.modules.get(module),
+                    settings=(settings[i] if isinstance(settings, list) and i < len(settings)
+                              else settings if isinstance(settings, dict) else {}),
+                    retain_input_images=rule.processing_retain_images,
+                )
+                for i, module in enumerate(modules)
+            ]
+            dispatch: Any = {}
+            if rule.action == "both" and rule.targets:
+                dispatch = TaskDispatch(
+                    target_name=rule.targets[0] if len(rule.targets) == 1 else rule.targets,
+                    series_uid=series_uid,
+                )
+            process: Any = processes[0] if len(processes) == 1 else processes
+            t = task(rule.action, [name], process=process, dispatch=dispatch)
+            jobs.append(PlannedJob(t["id"], "processing", t, TaskEventType.QUEUED_FOR_PROCESSING,
+                                   [name]))
+        elif rule.action == "notification":
+            notification_only.append(name)
+    for target, rules in route_targets.items():
+        dispatch = TaskDispatch(target_name=target, series_uid=series_uid)
+        t = task("route", rules, dispatch=dispatch)
+        jobs.append(PlannedJob(t["id"], "outgoing", t, TaskEventType.ROUTED, rules))
+    if not jobs:
+        # Only notification rules matched: tell people, keep the images for the retention time.
+        t = task("notification", notification_only)
+        jobs.append(PlannedJob(t["id"], "discard", t, TaskEventType.NOTIFICATION,
+                               notification_only))
+    return jobs
+
+
+class Router(Service):
+    """Finds complete series and routes them."""
+
+    name = "router"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime.config.router_scan_interval)
+        self.runtime = runtime
+
+    def run_once(self) -> int:
+        handled = 0
+        spool = self.runtime.spool
+        self._remove_finished()
+        # Series a router took but did not finish (it died): finish them first.
+        for taken in spool.taken():
+            if self.stop_event.is_set():
+                return handled
+            handled += self._route_taken(taken)
+        for series in spool.complete_series(self.runtime.config.series_complete_trigger):
+            if self.stop_event.is_set():
+                return handled
+            taken_path = spool.take(series.path)
+            if taken_path is not None:
+                handled += self._route_taken(taken_path)
+        return handled
+
+    def _route_taken(self, folder: Path) -> int:
+        claim = try_claim(folder)
+        if claim is None:
+            return 0
+        with claim:
+            self.route_series(folder)
+            # Hide the folder in one atomic step before deleting it, so that a crash during the
+            # deletion can never leave a half-deleted series that would be routed again.
+            done = folder.with_name(DONE_PREFIX + folder.name)
+            os.rename(folder, done)
+            remove_tree(done)
+        return 1
+
+    def _remove_finished(self) -> None:
+        for entry in os.scandir(self.runtime.spool.routing):
+            if entry.name.startswith(DONE_PREFIX):
+                remove_tree(Path(entry.path))
+
+    def route_series(self, folder: Path) -> None:
+        """Plan (once) and create the jobs of one claimed series folder."""
+        files = instance_files(folder)
+        plan_path = folder / PLAN_FILE
+        if plan_path.exists():
+            plan = [PlannedJob(**j) for j in json.loads(plan_path.read_bytes())]
+        else:
+            if not files:
+                self.log.info("empty series folder removed", folder=folder.name)
+                return
+            tags = read_series_tags(folder) or self._tags_from_file(files[0])
+            decision = evaluate_rules(self.runtime.config, tags)
+            plan = plan_jobs(self.runtime.config, tags, decision)
+            atomic_write_json(
+                plan_path, [j.__dict__ for j in plan], fsync=self.runtime.fsync
+            )
+            self.log.info(
+                "series routed",
+                series_uid=tags.get("SeriesInstanceUID"),
+                instances=len(files),
+                rules=decision.triggered or "none",
+                fallback=decision.fallback_used,
+                jobs=[f"{j.state}/{j.id}" for j in plan],
+            )
+        for job in plan:
+            task = Task.model_validate(job.task)
+            self.runtime.store.create(job.state, task, files)
+            self.runtime.emit(
+                TaskEvent(
+                    type=TaskEventType(job.event),
+                    task_id=job.id,
+                    series_uid=task.info.uid,
+                    target=", ".join(task.target_names),
+                    file_count=len(files),
+                    rule=", ".join(job.rules),
+                    tags=task.tags,
+                )
+            )
+            for rule in job.rules:
+                self.runtime.notify_rule("reception", rule, job.id, task.tags)
+
+    def _tags_from_file(self, path: Path) -> dict[str, str]:
+        extra = list(self.runtime.config.dicom_receiver.additional_tags)
+        return read_tags(str(path), extra)

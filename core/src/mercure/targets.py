@@ -1,0 +1,104 @@
+"""The contract between the dispatcher and a target plugin.
+
+A target plugin registers a configuration model (a subclass of :class:`TargetConfig` with a
+``target_type`` literal) and an implementation (a subclass of :class:`Target`). The dispatcher
+creates one implementation object per configured target and calls :meth:`Target.send` with
+the instances of one job that are not yet delivered; whatever :meth:`Target.send` reports as
+delivered is written to the job's task file, so a retry sends only what is still missing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from mercure.jobs.task import Task
+
+
+class TargetConfig(BaseModel):
+    """Fields every mercure target has; plugins add theirs and a ``target_type`` literal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contact: str | None = ""
+    comment: str = ""
+    # Set by each subclass as ``target_type: Literal["name"] = "name"``.
+    target_type: str
+
+
+class TargetError(Exception):
+    """Delivery failed for a reason worth retrying (peer down, refused, timed out).
+
+    The message is stored in the task file and shown by ``mercure queue``: say what failed and
+    what the operator can do.
+    """
+
+
+class PermanentTargetError(TargetError):
+    """Delivery can never succeed as configured (bad credentials, missing folder, ...).
+
+    The dispatcher still retries (an operator may fix the peer), but marks the reason as such.
+    """
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """What to send: the pending instance files of one job and what is known about them."""
+
+    task_id: str
+    folder: Path
+    files: list[Path]
+    tags: Mapping[str, str]
+    task: Task
+
+
+@dataclass
+class DeliveryResult:
+    """What happened to each file of a :class:`DeliveryJob`.
+
+    Files neither in ``delivered`` nor in ``failed`` count as failed with ``error``.
+    """
+
+    delivered: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def all_delivered(cls, job: DeliveryJob) -> DeliveryResult:
+        return cls(delivered=[f.name for f in job.files])
+
+
+ConfigT = TypeVar("ConfigT", bound=TargetConfig)
+
+
+class Target(ABC, Generic[ConfigT]):
+    """One configured target. ``send`` may be called from several threads at once."""
+
+    #: Set to False by targets that cannot report per-file results (the dispatcher then
+    #: treats the whole job as one unit).
+    per_instance: ClassVar[bool] = True
+
+    def __init__(self, name: str, config: ConfigT, context: Mapping[str, Any] | None = None):
+        self.name = name
+        self.config = config
+        self.context: Mapping[str, Any] = context or {}
+
+    @abstractmethod
+    def send(self, job: DeliveryJob) -> DeliveryResult:
+        """Deliver ``job.files``; raise :class:`TargetError` when nothing could be sent."""
+
+    def test_connection(self) -> str:
+        """Check that the target answers; return one line describing the outcome.
+
+        Raise :class:`TargetError` with the reason when it does not.
+        """
+        return "no connection test for this target type"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or clients held between jobs."""
