@@ -1,0 +1,298 @@
+"""Pytest fixtures and helpers for testing mercure and its plugins (entry point ``pytest11``).
+
+Fixtures:
+
+* ``plugin_manager`` - a fresh :class:`~mercure.plugins.PluginManager` with the built-ins only.
+* ``register_plugin`` - register a plugin object on that manager for one test.
+* ``synthetic_series`` - a folder of small synthetic CT instances (one series).
+* ``mercure_config`` - a :class:`~mercure.config.Config` whose spool lives in ``tmp_path``.
+* ``running_router`` - all services of a router in this process, on a free port.
+* ``dcmtk_storescp`` - DCMTK's ``storescp`` on a free port, writing into a folder.
+
+Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`DcmtkStoreSCP`,
+:func:`dcmtk_storescu`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from mercure.config import Config, validate_config
+from mercure.plugins import PluginManager, build_plugin_manager
+
+DCMTK_BIN = Path(os.environ.get("MERCURE_DCMTK_BIN", "/usr/bin"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def make_dataset(
+    series_uid: str,
+    study_uid: str,
+    index: int,
+    *,
+    rows: int = 16,
+    columns: int = 16,
+    modality: str = "CT",
+    series_description: str = "synthetic",
+    sop_class: str = CTImageStorage,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **tags: Any,
+) -> Dataset:
+    """One synthetic instance with pixel data (uncompressed, 16 bit)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "MRN0001"
+    ds.AccessionNumber = "ACC0001"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate = "20260101"
+    ds.Modality = modality
+    ds.SeriesDescription = series_description
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.SliceThickness = "1.0"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes((index + i) % 251 for i in range(rows * columns * 2))
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def make_series(
+    folder: Path, count: int = 10, *, series_uid: str | None = None, **kwargs: Any
+) -> list[Path]:
+    """Write ``count`` instances of one new series into ``folder``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = kwargs.pop("study_uid", None) or generate_uid()
+    paths = []
+    for i in range(count):
+        ds = make_dataset(series_uid, study_uid, i, **kwargs)
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a DICOM file, without preamble and file meta: what was sent."""
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+
+    with open(path, "rb") as fh:
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        return fh.read()
+
+
+@dataclass
+class DcmtkStoreSCP:
+    """DCMTK's ``storescp`` writing received instances into ``folder``."""
+
+    folder: Path
+    port: int
+    aet: str = "STORESCP"
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def start(self) -> DcmtkStoreSCP:
+        exe = DCMTK_BIN / "storescp"
+        if not exe.exists():
+            pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self.proc = subprocess.Popen(
+            [str(exe), "-aet", self.aet, "-od", str(self.folder), "-uf", "+B",
+             *self.extra_args, str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"storescp exited early: {err}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("storescp did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+def dcmtk_storescu(
+    files: list[Path] | Path, port: int, *, aec: str = "MERCURE", aet: str = "STORESCU",
+    extra: tuple[str, ...] = (), check: bool = True, timeout: float = 120,
+) -> subprocess.CompletedProcess[bytes]:
+    """Send files (or a folder, recursively) with DCMTK's ``storescu`` over one association."""
+    exe = DCMTK_BIN / "storescu"
+    if not exe.exists():
+        pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
+    args = [str(exe), "-aet", aet, "-aec", aec, *extra]
+    if isinstance(files, Path):
+        args += ["+sd", "+r", "127.0.0.1", str(port), str(files)]
+    else:
+        args += ["127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(
+        args, env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, check=check,
+        timeout=timeout,
+    )
+
+
+def config_for(tmp_path: Path, **overrides: Any) -> Config:
+    """A configuration whose spool folders are under ``tmp_path``, validated with built-ins."""
+    data: dict[str, Any] = {
+        f"{name}_folder": str(tmp_path / "spool" / name)
+        for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
+    }
+    data.update(
+        port=0, series_complete_trigger=1, router_scan_interval=1, dispatcher_scan_interval=1,
+        retry_delay=1, retry_max=3,
+    )
+    data.update(overrides)
+    registry = overrides.pop("_registry", None) or build_plugin_manager(autoload=True).registry
+    config, _ = validate_config(data, registry)
+    return config
+
+
+@pytest.fixture
+def plugin_manager() -> PluginManager:
+    """A fresh plugin manager with the built-in plugins only (no entry points)."""
+    return build_plugin_manager(autoload=False)
+
+
+@pytest.fixture
+def register_plugin(plugin_manager: PluginManager) -> Iterator[Callable[..., str]]:
+    """Register a plugin object on ``plugin_manager`` for this test only."""
+    names: list[str] = []
+
+    def register(plugin: object, name: str | None = None) -> str:
+        registered = plugin_manager.register(plugin, name)
+        names.append(registered)
+        return registered
+
+    yield register
+    for name in names:
+        if plugin_manager.pm.has_plugin(name):
+            plugin_manager.unregister(name)
+
+
+@pytest.fixture
+def synthetic_series(tmp_path: Path) -> list[Path]:
+    """Ten synthetic CT instances of one series."""
+    return make_series(tmp_path / "series", 10)
+
+
+@pytest.fixture
+def mercure_config(tmp_path: Path) -> Config:
+    """A configuration with its spool under ``tmp_path`` and one folder target ``folder``."""
+    target = tmp_path / "target"
+    target.mkdir()
+    return config_for(
+        tmp_path,
+        targets={"folder": {"target_type": "folder", "folder": str(target)}},
+        rules={"all": {"rule": "True", "target": "folder"}},
+    )
+
+
+@dataclass
+class RunningRouter:
+    """A router running in this process; ``port`` is its DICOM port."""
+
+    config: Config
+    supervisor: Any
+    port: int
+
+
+@pytest.fixture
+def running_router(mercure_config: Config) -> Iterator[RunningRouter]:
+    """All services in this process with ``mercure_config``, on a free port."""
+    yield from _run(mercure_config)
+
+
+def _run(config: Config) -> Iterator[RunningRouter]:
+    from mercure.services.runtime import build_runtime
+    from mercure.services.supervisor import Supervisor
+
+    manager = build_plugin_manager()
+    supervisor = Supervisor(build_runtime(config, manager))
+    supervisor.start()
+    port = supervisor.receivers[0].port if supervisor.receivers else 0  # type: ignore[attr-defined]
+    try:
+        yield RunningRouter(config, supervisor, port)
+    finally:
+        supervisor.stop()
+
+
+def start_router(config: Config) -> Iterator[RunningRouter]:
+    """Generator form of ``running_router`` for custom configurations (use with ``yield from``)."""
+    yield from _run(config)
+
+
+@pytest.fixture
+def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStoreSCP]:
+    """DCMTK's storescp on a free port, storing into ``tmp_path / 'storescp'``."""
+    scp = DcmtkStoreSCP(tmp_path / "storescp", free_port()).start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+def has_dcmtk() -> bool:
+    return (DCMTK_BIN / "storescp").exists() and shutil.which(str(DCMTK_BIN / "storescp")) is not None
