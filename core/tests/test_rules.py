@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-import mercure.rules as rules_module
+from mercure import rules as rules_module
 from mercure.rules import (
     CompiledRule,
     Missing,
@@ -126,7 +125,10 @@ def matches(rule: str, tags: dict[str, str] | None = None) -> bool:
         ("re_match('^sax', tags.SeriesDescription)", False),
         ("re_match('sax$', tags.SeriesDescription)", True),
         ("regex('T[12]', tags.SeriesDescription)", True),
-        ("regex('(?i)cine', tags.SeriesDescription) and not regex('T2', tags.SeriesDescription)", True),
+        (
+            "regex('(?i)cine', tags.SeriesDescription) and not regex('T2', tags.SeriesDescription)",
+            True,
+        ),
         # string methods
         ("tags.SeriesDescription.upper() == 'CINE_T1 SAX'", True),
         ("'  x '.strip() == 'x'", True),
@@ -183,7 +185,10 @@ def test_accepted_rules(rule: str, expected: bool) -> None:
         ("'FLAIR' in %SeriesDescription%", False),
         ("%SeriesDescription%.lower().startswith('cine')", True),
         ("float(@SliceThickness@) < 2", True),
-        ("@Modality@ == 'MR' and 'T1' in %SeriesDescription% and tags.SenderAET == 'SCANNER1'", True),
+        (
+            "@Modality@ == 'MR' and 'T1' in %SeriesDescription% and tags.SenderAET == 'SCANNER1'",
+            True,
+        ),
         ("@Modality@ in ['CT', 'MR']", True),
         ("(@Modality@=='MR')", True),
         # placeholders inside string literals are plain text
@@ -233,7 +238,7 @@ def test_compiled_rule_call_shortcut_and_immutability() -> None:
     assert compiled(TAGS) is True
     assert compiled({"Modality": "CT"}) is False
     with pytest.raises(dataclasses.FrozenInstanceError):
-        compiled.text = "True"  # type: ignore[misc]
+        compiled.text = "True"  # type: ignore[misc, unused-ignore]
 
 
 def test_compile_rule_is_cached() -> None:

@@ -225,7 +225,6 @@ class ConfigError(Exception):
         super().__init__(f"configuration {source} has {len(errors)} error(s):\n{lines}")
 
 
-
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:

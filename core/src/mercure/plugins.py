@@ -136,7 +136,11 @@ class PluginManager:
                 continue
             module = importlib.import_module(module_name)
             self.register(
-                module, short, distribution=CORE_DISTRIBUTION, version=__version__, source="built-in"
+                module,
+                short,
+                distribution=CORE_DISTRIBUTION,
+                version=__version__,
+                source="built-in",
             )
 
     def check(self) -> None:

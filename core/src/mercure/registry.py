@@ -33,7 +33,10 @@ KNOWN_DISTRIBUTIONS: dict[Kind, dict[str, str]] = {
     },
     "runner": {"docker": "mercure-runner-docker", "nomad": "mercure-runner-nomad"},
     "notifier": {"webhook": "mercure-notifier-webhook", "email": "mercure-notifier-email"},
-    "metrics_sink": {"influxdb": "mercure-metrics-influxdb", "graphite": "mercure-metrics-graphite"},
+    "metrics_sink": {
+        "influxdb": "mercure-metrics-influxdb",
+        "graphite": "mercure-metrics-graphite",
+    },
     "receiver": {"dicomweb": "mercure-receiver-dicomweb"},
 }
 
@@ -133,6 +136,8 @@ def make_register(
                 f"{plugin}: the implementation of {kind} type '{type_name}' must subclass "
                 f"{base.__module__}.{base.__qualname__}"
             )
-        registry.add(PluginType(kind, type_name, config_model, implementation, plugin, distribution))
+        registry.add(
+            PluginType(kind, type_name, config_model, implementation, plugin, distribution)
+        )
 
     return register

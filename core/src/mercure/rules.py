@@ -20,7 +20,9 @@ What a rule may contain:
   chained as in ``1 < x < 3``), unary minus on numbers; ``|`` and ``&`` on True/False values
   (non short-circuit ``or``/``and``, as in old mercure examples);
 * the functions ``float int str len bool abs min max`` and ``re_match(pattern, value)`` /
-  ``regex(pattern, value)`` (``re.search`` semantics, returning True/False);
+  ``regex(pattern, value)`` (``re.search`` semantics, returning True/False; patterns are
+  compiled once and cached, a literal pattern is checked when the rule is compiled -- like any
+  regular expression engine, a pathological pattern can still be slow);
 * the string methods ``lower upper strip lstrip rstrip startswith endswith split replace find
   count isdigit``, and indexing/slicing with integer literals (``tags.X[0:3]``).
 
@@ -77,6 +79,7 @@ class RuleError(ValueError):
     offset: int
     position: int
     reason: str
+    kind: str  # "rule", or "series list" for study_trigger_series
 
     def __init__(self, rule: str, offset: int, reason: str, *, kind: str = "rule") -> None:
         offset = max(0, min(offset, len(rule)))

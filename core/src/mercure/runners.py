@@ -24,7 +24,7 @@ class ProcessingRun:
 
 
 class Runner(ABC):
-    """Runs processing modules; a module's container reads ``/tmp/data`` and writes ``/tmp/output``."""
+    """Runs processing modules; a container reads ``/tmp/data``, writes ``/tmp/output``."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -100,5 +100,5 @@ class Target(ABC, Generic[ConfigT]):
         """
         return "no connection test for this target type"
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release connections or clients held between jobs."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from mercure.config import Config, validate_config
 from mercure.plugins import PluginManager, build_plugin_manager
@@ -71,9 +71,9 @@ def make_dataset(
 ) -> Dataset:
     """One synthetic instance with pixel data (uncompressed, 16 bit)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -122,7 +122,7 @@ def make_series(
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a DICOM file, without preamble and file meta: what was sent."""
-    from pydicom.filereader import read_preamble, _read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     with open(path, "rb") as fh:
         read_preamble(fh, False)
@@ -147,9 +147,20 @@ class DcmtkStoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TCP_NODELAY": "1"}
         self.proc = subprocess.Popen(
-            [str(exe), "-aet", self.aet, "-od", str(self.folder), "-uf", "+B",
-             *self.extra_args, str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                str(exe),
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.folder),
+                "-uf",
+                "+B",
+                *self.extra_args,
+                str(self.port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -176,8 +187,14 @@ class DcmtkStoreSCP:
 
 
 def dcmtk_storescu(
-    files: list[Path] | Path, port: int, *, aec: str = "MERCURE", aet: str = "STORESCU",
-    extra: tuple[str, ...] = (), check: bool = True, timeout: float = 120,
+    files: list[Path] | Path,
+    port: int,
+    *,
+    aec: str = "MERCURE",
+    aet: str = "STORESCU",
+    extra: tuple[str, ...] = (),
+    check: bool = True,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[bytes]:
     """Send files (or a folder, recursively) with DCMTK's ``storescu`` over one association."""
     exe = DCMTK_BIN / "storescu"
@@ -189,7 +206,10 @@ def dcmtk_storescu(
     else:
         args += ["127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(
-        args, env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, check=check,
+        args,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        check=check,
         timeout=timeout,
     )
 
@@ -201,8 +221,12 @@ def config_for(tmp_path: Path, **overrides: Any) -> Config:
         for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
     }
     data.update(
-        port=0, series_complete_trigger=1, router_scan_interval=1, dispatcher_scan_interval=1,
-        retry_delay=1, retry_max=3,
+        port=0,
+        series_complete_trigger=1,
+        router_scan_interval=1,
+        dispatcher_scan_interval=1,
+        retry_delay=1,
+        retry_max=3,
     )
     data.update(overrides)
     registry = overrides.pop("_registry", None) or build_plugin_manager(autoload=True).registry
@@ -272,7 +296,7 @@ def _run(config: Config) -> Iterator[RunningRouter]:
     manager = build_plugin_manager()
     supervisor = Supervisor(build_runtime(config, manager))
     supervisor.start()
-    port = supervisor.receivers[0].port if supervisor.receivers else 0  # type: ignore[attr-defined]
+    port = supervisor.receivers[0].port if supervisor.receivers else 0
     try:
         yield RunningRouter(config, supervisor, port)
     finally:
@@ -295,4 +319,6 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStoreSCP]:
 
 
 def has_dcmtk() -> bool:
-    return (DCMTK_BIN / "storescp").exists() and shutil.which(str(DCMTK_BIN / "storescp")) is not None
+    return (DCMTK_BIN / "storescp").exists() and shutil.which(
+        str(DCMTK_BIN / "storescp")
+    ) is not None

@@ -7,6 +7,7 @@ and a comment, so that the sender keeps it and retries; the association goes on.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -90,7 +91,8 @@ class DicomReceiver(Receiver):
             ae.require_calling_aet = list(self.settings.allowed_calling_aets)
         syntaxes = ALL_TRANSFER_SYNTAXES if self.config.accept_compressed_images else UNCOMPRESSED
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification, UNCOMPRESSED)
         ae.maximum_associations = 64
         ae.network_timeout = 60
@@ -98,7 +100,7 @@ class DicomReceiver(Receiver):
         ae.dimse_timeout = 60
         return ae
 
-    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def _handlers(self) -> Any:
         return [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -109,6 +111,7 @@ class DicomReceiver(Receiver):
         ae = self._make_ae()
         address = (self.settings.bind_address, self.config.port)
         server = ae.start_server(address, block=False, evt_handlers=self._handlers())
+        assert server is not None  # non-blocking start returns the server
         self.servers.append(server)
         log.info("DICOM receiver listening", address=address[0], port=self.port)
         tls = self.settings.tls
@@ -124,6 +127,7 @@ class DicomReceiver(Receiver):
                 evt_handlers=self._handlers(),
                 ssl_context=context,
             )
+            assert tls_server is not None
             self.servers.append(tls_server)
             log.info("DICOM TLS receiver listening", port=tls_server.server_address[1])
 
@@ -150,10 +154,8 @@ class DicomReceiver(Receiver):
     def handle_open(self, event: Any) -> None:
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def handle_echo(self, event: Any) -> int:
         if not self._allowed(event):
@@ -184,8 +186,12 @@ class DicomReceiver(Receiver):
         try:
             check_dataset(stream, transfer_syntax)
         except TruncatedDatasetError as exc:
-            log.warning("refused instance: truncated dataset", sender=sender, sop_uid=sop_uid,
-                        reason=str(exc))
+            log.warning(
+                "refused instance: truncated dataset",
+                sender=sender,
+                sop_uid=sop_uid,
+                reason=str(exc),
+            )
             return _status(STATUS_CANNOT_UNDERSTAND, f"truncated dataset: {exc}")
         meta = _MetaBuffer()
         write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
@@ -193,16 +199,24 @@ class DicomReceiver(Receiver):
         try:
             tags = read_tags(header + bytes(stream), self.extra_tags)
         except Exception as exc:
-            log.warning("refused instance: not a readable DICOM dataset", sender=sender,
-                        sop_uid=sop_uid, reason=repr(exc))
+            log.warning(
+                "refused instance: not a readable DICOM dataset",
+                sender=sender,
+                sop_uid=sop_uid,
+                reason=repr(exc),
+            )
             return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
         series_uid = tags.get("SeriesInstanceUID", "")
         if not series_uid:
             log.warning("refused instance: no SeriesInstanceUID", sender=sender, sop_uid=sop_uid)
             return _status(STATUS_CANNOT_UNDERSTAND, "SeriesInstanceUID missing")
         if not is_valid_uid(series_uid):
-            log.warning("refused instance: invalid SeriesInstanceUID", sender=sender,
-                        sop_uid=sop_uid, series_uid=series_uid)
+            log.warning(
+                "refused instance: invalid SeriesInstanceUID",
+                sender=sender,
+                sop_uid=sop_uid,
+                series_uid=series_uid,
+            )
             return _status(STATUS_CANNOT_UNDERSTAND, "invalid SeriesInstanceUID")
         requestor = event.assoc.requestor
         tags = with_receiver_tags(
@@ -214,8 +228,12 @@ class DicomReceiver(Receiver):
         try:
             self.spool.store(series_uid, sop_uid, [header, stream], tags)
         except OSError as exc:
-            log.error("cannot store instance; answered 'out of resources' so the sender retries",
-                      sender=sender, sop_uid=sop_uid, error=str(exc))
+            log.error(
+                "cannot store instance; answered 'out of resources' so the sender retries",
+                sender=sender,
+                sop_uid=sop_uid,
+                error=str(exc),
+            )
             return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
         if self.on_stored is not None:
             self.on_stored(series_uid, sop_uid)

@@ -25,7 +25,9 @@ ConfigOption = typer.Option(
     "default (receive on 11112, route everything to a folder under --data).",
 )
 DataOption = typer.Option(
-    None, "--data", help="Data folder for the built-in default configuration (default ./mercure-data)."
+    None,
+    "--data",
+    help="Data folder for the built-in default configuration (default ./mercure-data).",
 )
 
 
@@ -73,8 +75,10 @@ def load(path: Path | None, data: Path | None = None) -> Loaded:
         if config.plugin_folder:
             plugins.load_site_plugins(Path(config.plugin_folder))
             plugins.check()
-            raw = json.loads(config_path.read_text()) if config_path else default_config_data(
-                data or DEFAULT_DATA
+            raw = (
+                json.loads(config_path.read_text())
+                if config_path
+                else default_config_data(data or DEFAULT_DATA)
             )
             config, warnings = validate_config(raw, plugins.registry, source)
     except PluginRegistrationError as exc:

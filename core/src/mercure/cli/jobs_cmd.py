@@ -25,7 +25,10 @@ def install(app: typer.Typer) -> None:
 
 def queue(
     state: list[str] = typer.Option(
-        [], "--state", "-s", help="Only these states (outgoing, processing, success, error, discard)."
+        [],
+        "--state",
+        "-s",
+        help="Only these states (outgoing, processing, success, error, discard).",
     ),
     series: str | None = typer.Option(None, help="Only jobs of this SeriesInstanceUID."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
@@ -122,7 +125,9 @@ def retry(
         d = task.dispatch_state
         if d is None:
             raise die(f"job {ref.id} has no dispatch section; it cannot be sent again")
-        task.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry after: {task.error}")
+        task.history.append(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry after: {task.error}"
+        )
         task.error = None
         d.retries = 0
         d.next_retry_at = 0

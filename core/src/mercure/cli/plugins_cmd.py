@@ -24,8 +24,13 @@ def install(app: typer.Typer) -> None:
         for name, info in sorted(manager.infos.items(), key=lambda kv: (kv[1].source, kv[0])):
             types = [f"{t.kind}:{t.name}" for t in registry if t.plugin == name]
             rows.append(
-                {"name": name, "distribution": info.distribution, "version": info.version,
-                 "source": info.source, "types": types}
+                {
+                    "name": name,
+                    "distribution": info.distribution,
+                    "version": info.version,
+                    "source": info.source,
+                    "types": types,
+                }
             )
         if as_json:
             typer.echo(json.dumps(rows, indent=2))

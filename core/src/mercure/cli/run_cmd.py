@@ -35,8 +35,12 @@ def install(app: typer.Typer) -> None:
         for warning in loaded.warnings:
             log.warning("configuration warning", detail=warning)
         names = [s.strip() for s in only.split(",") if s.strip()]
-        log.info("configuration loaded", source=loaded.source, rules=len(cfg.rules),
-                 targets=len(cfg.targets))
+        log.info(
+            "configuration loaded",
+            source=loaded.source,
+            rules=len(cfg.rules),
+            targets=len(cfg.targets),
+        )
         try:
             supervisor = Supervisor(build_runtime(cfg, loaded.plugins), names)
         except ValueError as exc:

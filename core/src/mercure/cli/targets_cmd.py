@@ -29,7 +29,9 @@ def test(
     """Check that a target answers (C-ECHO, TLS handshake, login, ...); one line, exit 1 if not."""
     loaded = load(config)
     if name not in loaded.config.targets:
-        raise die(f"no target named '{name}' (targets: {', '.join(loaded.config.targets) or 'none'})")
+        raise die(
+            f"no target named '{name}' (targets: {', '.join(loaded.config.targets) or 'none'})"
+        )
     runtime = build_runtime(loaded.config, loaded.plugins)
     try:
         outcome = runtime.target(name).test_connection()

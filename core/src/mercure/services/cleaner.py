@@ -54,8 +54,11 @@ class Cleaner(Service):
                 break
             removed += self._remove(ref)
         if removed:
-            self.log.warning("emergency clean: delivered jobs removed before their retention",
-                             count=removed, limit_percent=limit)
+            self.log.warning(
+                "emergency clean: delivered jobs removed before their retention",
+                count=removed,
+                limit_percent=limit,
+            )
         return removed
 
     def _remove(self, ref: JobRef) -> int:

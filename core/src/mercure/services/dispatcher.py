@@ -137,8 +137,14 @@ class Dispatcher(Service):
                 done = store.move(ref, "success", claim)
                 log.info("job delivered", targets=task.target_names, instances=len(files))
                 self.runtime.emit(
-                    TaskEvent(TaskEventType.COMPLETED, ref.id, dispatch.series_uid or "",
-                              ", ".join(task.target_names), len(files), tags=task.tags)
+                    TaskEvent(
+                        TaskEventType.COMPLETED,
+                        ref.id,
+                        dispatch.series_uid or "",
+                        ", ".join(task.target_names),
+                        len(files),
+                        tags=task.tags,
+                    )
                 )
                 for rule in self._rules(task):
                     self.runtime.notify_rule("completion", rule, ref.id, task.tags)
@@ -150,19 +156,31 @@ class Dispatcher(Service):
             reason = "; ".join(errors)
             dispatch.retries = (dispatch.retries or 0) + 1
             if dispatch.retries > self.runtime.config.retry_max:
-                self._to_error(ref, task, claim,
-                               f"gave up after {dispatch.retries} tries: {reason}")
+                self._to_error(
+                    ref, task, claim, f"gave up after {dispatch.retries} tries: {reason}"
+                )
                 return
             delay = retry_delay(self.runtime.config, dispatch.retries)
             dispatch.next_retry_at = time.time() + delay
             store.write(ref, task)
             self.due_at[ref.id] = dispatch.next_retry_at
-            log.warning("delivery failed; will retry", retry=dispatch.retries,
-                        retry_max=self.runtime.config.retry_max, in_seconds=round(delay, 1),
-                        reason=reason)
+            log.warning(
+                "delivery failed; will retry",
+                retry=dispatch.retries,
+                retry_max=self.runtime.config.retry_max,
+                in_seconds=round(delay, 1),
+                reason=reason,
+            )
             self.runtime.emit(
-                TaskEvent(TaskEventType.RETRY_SCHEDULED, ref.id, dispatch.series_uid or "",
-                          ", ".join(task.target_names), len(files), info=reason, tags=task.tags)
+                TaskEvent(
+                    TaskEventType.RETRY_SCHEDULED,
+                    ref.id,
+                    dispatch.series_uid or "",
+                    ", ".join(task.target_names),
+                    len(files),
+                    info=reason,
+                    tags=task.tags,
+                )
             )
 
     def _deliver_to(
@@ -178,12 +196,14 @@ class Dispatcher(Service):
         try:
             target = self.runtime.target(target_name)
             result = target.send(
-                DeliveryJob(task_id=ref.id, folder=ref.path, files=pending, tags=task.tags,
-                            task=task)
+                DeliveryJob(
+                    task_id=ref.id, folder=ref.path, files=pending, tags=task.tags, task=task
+                )
             )
         except Exception as exc:
-            result = DeliveryResult(error=f"{exc.__class__.__name__}: {exc}" if not str(exc)
-                                    .strip() else str(exc))
+            result = DeliveryResult(
+                error=f"{exc.__class__.__name__}: {exc}" if not str(exc).strip() else str(exc)
+            )
         pending_names = {f.name for f in pending}
         confirmed = [n for n in result.delivered if n in pending_names]
         delivered.update(confirmed)
@@ -198,19 +218,32 @@ class Dispatcher(Service):
         else:
             dispatch.failed.pop(target_name, None)
         dispatch.attempts.append(
-            DeliveryAttempt(at=time.time(), target=target_name, delivered=len(confirmed),
-                            failed=len(still_missing), error=result.error)
+            DeliveryAttempt(
+                at=time.time(),
+                target=target_name,
+                delivered=len(confirmed),
+                failed=len(still_missing),
+                error=result.error,
+            )
         )
         del dispatch.attempts[:-MAX_ATTEMPTS_KEPT]
         if confirmed:
             self.runtime.emit(
-                TaskEvent(TaskEventType.DELIVERED, ref.id, dispatch.series_uid or "",
-                          target_name, len(confirmed), tags=task.tags)
+                TaskEvent(
+                    TaskEventType.DELIVERED,
+                    ref.id,
+                    dispatch.series_uid or "",
+                    target_name,
+                    len(confirmed),
+                    tags=task.tags,
+                )
             )
         if not still_missing:
             return None
         if result.error:
-            return f"{len(still_missing)} of {len(pending)} instance(s) not delivered: {result.error}"
+            return (
+                f"{len(still_missing)} of {len(pending)} instance(s) not delivered: {result.error}"
+            )
         first = sorted(failed.items())[:3]
         detail = ", ".join(f"{n}: {r}" for n, r in first)
         return f"{len(still_missing)} of {len(pending)} instance(s) not delivered ({detail})"
@@ -226,8 +259,14 @@ class Dispatcher(Service):
         self.log.error("job moved to error", task_id=ref.id, reason=reason)
         tags = task.tags if task else {}
         self.runtime.emit(
-            TaskEvent(TaskEventType.MOVED_TO_ERROR, ref.id, tags.get("SeriesInstanceUID", ""),
-                      ", ".join(task.target_names) if task else "", info=reason, tags=tags)
+            TaskEvent(
+                TaskEventType.MOVED_TO_ERROR,
+                ref.id,
+                tags.get("SeriesInstanceUID", ""),
+                ", ".join(task.target_names) if task else "",
+                info=reason,
+                tags=tags,
+            )
         )
         if task is not None:
             for rule in self._rules(task):

@@ -89,7 +89,7 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
     def task(action: str, rules: list[str], **sections: Any) -> dict[str, Any]:
         task_id = str(uuid.uuid4())
         info = TaskInfo(
-            action=action,  # type: ignore[arg-type]
+            action=action,
             uid=series_uid,
             uid_type="series",
             triggered_rules=dict.fromkeys(rules, True) if rules else "",
@@ -127,8 +127,13 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
                 TaskProcessing(
                     module_name=module,
                     module_config=config.modules.get(module),
-                    settings=(settings[i] if isinstance(settings, list) and i < len(settings)
-                              else settings if isinstance(settings, dict) else {}),
+                    settings=(
+                        settings[i]
+                        if isinstance(settings, list) and i < len(settings)
+                        else settings
+                        if isinstance(settings, dict)
+                        else {}
+                    ),
                     retain_input_images=rule.processing_retain_images,
                 )
                 for i, module in enumerate(modules)
@@ -141,8 +146,9 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
                 )
             process: Any = processes[0] if len(processes) == 1 else processes
             t = task(rule.action, [name], process=process, dispatch=dispatch)
-            jobs.append(PlannedJob(t["id"], "processing", t, TaskEventType.QUEUED_FOR_PROCESSING,
-                                   [name]))
+            jobs.append(
+                PlannedJob(t["id"], "processing", t, TaskEventType.QUEUED_FOR_PROCESSING, [name])
+            )
         elif rule.action == "notification":
             notification_only.append(name)
     for target, rules in route_targets.items():
@@ -152,8 +158,9 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
     if not jobs:
         # Only notification rules matched: tell people, keep the images for the retention time.
         t = task("notification", notification_only)
-        jobs.append(PlannedJob(t["id"], "discard", t, TaskEventType.NOTIFICATION,
-                               notification_only))
+        jobs.append(
+            PlannedJob(t["id"], "discard", t, TaskEventType.NOTIFICATION, notification_only)
+        )
     return jobs
 
 
@@ -214,9 +221,7 @@ class Router(Service):
             tags = read_series_tags(folder) or self._tags_from_file(files[0])
             decision = evaluate_rules(self.runtime.config, tags)
             plan = plan_jobs(self.runtime.config, tags, decision)
-            atomic_write_json(
-                plan_path, [j.__dict__ for j in plan], fsync=self.runtime.fsync
-            )
+            atomic_write_json(plan_path, [j.__dict__ for j in plan], fsync=self.runtime.fsync)
             self.log.info(
                 "series routed",
                 series_uid=tags.get("SeriesInstanceUID"),

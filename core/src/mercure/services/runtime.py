@@ -72,7 +72,8 @@ class Runtime:
             return
         if self._notifiers is None:
             self._notifiers = [
-                t.implementation(self.config) for t in self.plugins.registry.types["notifier"].values()
+                t.implementation(self.config)
+                for t in self.plugins.registry.types["notifier"].values()
             ]
         note = Notification(event, rule_name, rule, task_id, details, dict(tags))
         for notifier in self._notifiers:
@@ -80,8 +81,11 @@ class Runtime:
                 notifier.notify(note)
             except Exception as exc:
                 log.warning(
-                    "notification failed", notifier=type(notifier).__name__, rule=rule_name,
-                    task_id=task_id, error=str(exc),
+                    "notification failed",
+                    notifier=type(notifier).__name__,
+                    rule=rule_name,
+                    task_id=task_id,
+                    error=str(exc),
                 )
 
     def metrics(self, *metrics: Metric) -> None:
