@@ -43,7 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, *, fsync: bool = Tr
             written = os.write(fd, view)
             view = view[written:]
         if fsync:
-            os.fsync(fd)
+            os.fdatasync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

@@ -73,7 +73,7 @@ class IncomingSpool:
                 while view:
                     view = view[os.write(fd, view) :]
             if self.fsync:
-                os.fsync(fd)
+                os.fdatasync(fd)  # data and size; the rename is made durable below
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -118,7 +118,7 @@ class IncomingSpool:
         with open(tmp, "wb") as fh:
             fh.write(data)
             if self.fsync:
-                os.fsync(fh.fileno())
+                os.fdatasync(fh.fileno())
         try:
             os.rename(tmp, series_dir / TAGS_FILE)
         except BaseException:

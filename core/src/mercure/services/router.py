@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,8 @@ class Router(Service):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime.config.router_scan_interval)
         self.runtime = runtime
+        #: Called after a pass that created jobs (the supervisor wakes the dispatcher with it).
+        self.on_jobs_created: list[Callable[[], None]] = []
 
     def run_once(self) -> int:
         handled = 0
@@ -188,6 +191,9 @@ class Router(Service):
             taken_path = spool.take(series.path)
             if taken_path is not None:
                 handled += self._route_taken(taken_path)
+        if handled:
+            for callback in self.on_jobs_created:
+                callback()
         return handled
 
     def _route_taken(self, folder: Path) -> int:

@@ -42,6 +42,10 @@ class Supervisor:
             self.services.append(Dispatcher(rt))
         if "cleaner" in self.names:
             self.services.append(Cleaner(rt))
+        router = next((s for s in self.services if isinstance(s, Router)), None)
+        dispatcher = next((s for s in self.services if isinstance(s, Dispatcher)), None)
+        if router is not None and dispatcher is not None:
+            router.on_jobs_created.append(dispatcher.wake)
         for service in self.services:
             service.start()
         if "receiver" in self.names:
