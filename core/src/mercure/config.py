@@ -208,6 +208,8 @@ class Config(BaseModel):
     plugin_folder: str | None = None
     dispatcher_workers: int = Field(default=4, ge=1)
     retry_delay_max: int = Field(default=21600, ge=1)
+    early_dispatch: bool = True
+    """Start sending a series to targets that can stream while it still arrives."""
     log_level: str = "INFO"
 
     def folder(self, name: str) -> Path:

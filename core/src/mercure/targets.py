@@ -10,7 +10,7 @@ delivered is written to the job's task file, so a retry sends only what is still
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -47,15 +47,26 @@ class PermanentTargetError(TargetError):
     """
 
 
+MoreFiles = Callable[[float], "list[Path] | None"]
+
+
 @dataclass(frozen=True)
 class DeliveryJob:
-    """What to send: the pending instance files of one job and what is known about them."""
+    """What to send: the pending instance files of one job and what is known about them.
+
+    ``more`` is set only for a job whose series is still arriving and whose target declared
+    ``streaming = True``: after sending ``files``, call ``more(timeout)`` to wait up to
+    ``timeout`` seconds for further files. It returns the new files (``[]`` if none came
+    yet) or ``None`` once the series is complete and every file was handed out. Report the
+    files it returned in the :class:`DeliveryResult` like the others.
+    """
 
     task_id: str
     folder: Path
     files: list[Path]
     tags: Mapping[str, str]
     task: Task
+    more: MoreFiles | None = None
 
 
 @dataclass
@@ -80,9 +91,10 @@ ConfigT = TypeVar("ConfigT", bound=TargetConfig)
 class Target(ABC, Generic[ConfigT]):
     """One configured target. ``send`` may be called from several threads at once."""
 
-    #: Set to False by targets that cannot report per-file results (the dispatcher then
-    #: treats the whole job as one unit).
-    per_instance: ClassVar[bool] = True
+    #: True for targets that can send instances while the rest of the series still arrives
+    #: (they keep their connection open and call ``DeliveryJob.more``). Others get a job only
+    #: once its series is complete.
+    streaming: ClassVar[bool] = False
 
     def __init__(self, name: str, config: ConfigT, context: Mapping[str, Any] | None = None):
         self.name = name

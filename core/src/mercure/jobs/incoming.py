@@ -27,6 +27,7 @@ from pathlib import Path
 from mercure.fsutil import TMP_PREFIX, fsync_dir, safe_component
 
 TAGS_FILE = "series.tags"
+PLAN_FILE = ".plan.json"
 ROUTING = ".routing"
 TMP = ".tmp"
 DCM_SUFFIX = ".dcm"
@@ -196,3 +197,40 @@ def instance_files(folder: Path) -> list[Path]:
             for e in entries
             if e.name.endswith(DCM_SUFFIX) and not e.name.startswith(".")
         )
+
+
+def read_plan(series_dir: Path) -> list[dict[str, object]] | None:
+    """The routing plan stored with a series, or None if none was made yet."""
+    try:
+        data = json.loads((series_dir / PLAN_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    return data if isinstance(data, list) else None
+
+
+def write_plan_once(series_dir: Path, plan: list[dict[str, object]], *, fsync: bool = True) -> (
+    list[dict[str, object]] | None
+):
+    """Store ``plan`` unless the series has one already; return the plan that holds.
+
+    Creating the file with ``link`` is atomic and fails if it exists, so two routers that plan
+    the same series at once agree on the first plan. None if the folder has gone (taken).
+    """
+    tmp = series_dir.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}.plan"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(json.dumps(plan).encode("utf-8"))
+            if fsync:
+                os.fdatasync(fh.fileno())
+        try:
+            os.link(tmp, series_dir / PLAN_FILE)
+        except FileExistsError:
+            return read_plan(series_dir)
+        except FileNotFoundError:
+            return None
+        if fsync:
+            fsync_dir(series_dir)
+        return plan
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

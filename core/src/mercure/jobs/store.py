@@ -31,6 +31,8 @@ from mercure.jobs.task import TASKFILE, Task, read_task, write_task
 State = Literal["outgoing", "processing", "success", "error", "discard"]
 STATES: tuple[State, ...] = ("outgoing", "processing", "success", "error", "discard")
 STAGING_PREFIX = ".new-"
+OPEN_MARKER = ".open"
+"""Present in a job whose series is still arriving; the router removes it when complete."""
 
 
 class JobNotFoundError(LookupError):
@@ -89,7 +91,9 @@ class JobStore:
 
     # -- creation ----------------------------------------------------------------------------
 
-    def create(self, state: State, task: Task, files: Iterable[Path]) -> JobRef:
+    def create(
+        self, state: State, task: Task, files: Iterable[Path], *, open_job: bool = False
+    ) -> JobRef:
         """Build a job from ``files`` (hard-linked) and ``task``; idempotent per task id.
 
         If the job already exists in any state nothing is done, so a router that crashed half
@@ -106,6 +110,8 @@ class JobStore:
         for src in files:
             link_or_copy(src, staging / src.name)
         write_task(staging, task, fsync=False)
+        if open_job:
+            (staging / OPEN_MARKER).touch()
         if self.fsync:
             for entry in os.scandir(staging):
                 with contextlib.suppress(OSError):
@@ -146,6 +152,31 @@ class JobStore:
         if claim is not None:
             claim.moved_to(dest)
         return JobRef(ref.id, state, dest)
+
+    @staticmethod
+    def is_open(ref: JobRef) -> bool:
+        """True while the job's series is still arriving (more files may be linked in)."""
+        return (ref.path / OPEN_MARKER).exists()
+
+    def add_files(self, ref: JobRef, files: Iterable[Path]) -> int:
+        """Link more instance files into an open job; returns how many were new."""
+        added = 0
+        for src in files:
+            dest = ref.path / src.name
+            if dest.exists():
+                continue
+            link_or_copy(src, dest)
+            added += 1
+        return added
+
+    def close(self, ref: JobRef) -> None:
+        """Mark an open job complete, after making its links durable."""
+        if self.fsync:
+            fsync_dir(ref.path)
+        with contextlib.suppress(FileNotFoundError):
+            (ref.path / OPEN_MARKER).unlink()
+        if self.fsync:
+            fsync_dir(ref.path)
 
     def read(self, ref: JobRef) -> Task:
         return read_task(ref.path)

@@ -18,15 +18,18 @@ from pathlib import Path
 
 from mercure.config import Config
 from mercure.events import TaskEvent, TaskEventType
+from mercure.jobs.claims import Claim
 from mercure.jobs.incoming import instance_files
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
 from mercure.metrics import Metric
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
-from mercure.targets import DeliveryJob, DeliveryResult
+from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles
 
 MAX_ATTEMPTS_KEPT = 20
+OPEN_JOB_RECHECK = 0.05
+MORE_FILES_POLL = 0.01
 
 
 def retry_delay(config: Config, retries: int, rng: random.Random | None = None) -> float:
@@ -126,90 +129,134 @@ class Dispatcher(Service):
                 self.due_at[ref.id] = float(dispatch.next_retry_at or 0.0)
                 return  # a manual change or another dispatcher rescheduled it
             log = log.bind(series_uid=dispatch.series_uid)
-            files = instance_files(ref.path)
-            errors: list[str] = []
-            for target_name in task.target_names:
-                error = self._deliver_to(ref, task, dispatch, target_name, files)
-                if error:
-                    errors.append(f"{target_name}: {error}")
-            if not errors:
-                store.write(ref, task)
-                done = store.move(ref, "success", claim)
-                log.info("job delivered", targets=task.target_names, instances=len(files))
-                self.runtime.emit(
-                    TaskEvent(
-                        TaskEventType.COMPLETED,
-                        ref.id,
-                        dispatch.series_uid or "",
-                        ", ".join(task.target_names),
-                        len(files),
-                        tags=task.tags,
-                    )
-                )
-                for rule in self._rules(task):
-                    self.runtime.notify_rule("completion", rule, ref.id, task.tags)
-                self.runtime.metrics(
-                    Metric("dispatcher.jobs_delivered", 1, {"target": ",".join(task.target_names)})
-                )
-                del done
-                return
-            reason = "; ".join(errors)
-            dispatch.retries = (dispatch.retries or 0) + 1
-            if dispatch.retries > self.runtime.config.retry_max:
-                self._to_error(
-                    ref, task, claim, f"gave up after {dispatch.retries} tries: {reason}"
-                )
-                return
-            delay = retry_delay(self.runtime.config, dispatch.retries)
-            dispatch.next_retry_at = time.time() + delay
+            while True:
+                was_open = store.is_open(ref)  # checked before listing: no file is missed
+                if was_open and not self._all_stream(task):
+                    self.due_at[ref.id] = time.time() + OPEN_JOB_RECHECK
+                    return  # this target wants the whole series; wait until it is complete
+                files = instance_files(ref.path)
+                errors: list[str] = []
+                for target_name in task.target_names:
+                    error = self._deliver_to(ref, task, dispatch, target_name, files, was_open)
+                    if error:
+                        errors.append(f"{target_name}: {error}")
+                if errors:
+                    self._failed(ref, task, dispatch, claim, errors, len(files))
+                    return
+                if not was_open:
+                    break
+                if store.is_open(ref):
+                    store.write(ref, task)  # series still arriving: come back to it soon
+                    self.due_at[ref.id] = time.time() + OPEN_JOB_RECHECK
+                    return
             store.write(ref, task)
-            self.due_at[ref.id] = dispatch.next_retry_at
-            log.warning(
-                "delivery failed; will retry",
-                retry=dispatch.retries,
-                retry_max=self.runtime.config.retry_max,
-                in_seconds=round(delay, 1),
-                reason=reason,
-            )
+            store.move(ref, "success", claim)
+            log.info("job delivered", targets=task.target_names, instances=len(files))
             self.runtime.emit(
                 TaskEvent(
-                    TaskEventType.RETRY_SCHEDULED,
+                    TaskEventType.COMPLETED,
                     ref.id,
                     dispatch.series_uid or "",
                     ", ".join(task.target_names),
                     len(files),
-                    info=reason,
                     tags=task.tags,
                 )
             )
+            for rule in self._rules(task):
+                self.runtime.notify_rule("completion", rule, ref.id, task.tags)
+            self.runtime.metrics(
+                Metric("dispatcher.jobs_delivered", 1, {"target": ",".join(task.target_names)})
+            )
+
+    def _all_stream(self, task: Task) -> bool:
+        try:
+            return all(self.runtime.target(n).streaming for n in task.target_names)
+        except Exception:
+            return True  # let _deliver_to report the unknown target
+
+    def _failed(
+        self,
+        ref: JobRef,
+        task: Task,
+        dispatch: TaskDispatch,
+        claim: Claim,
+        errors: list[str],
+        file_count: int,
+    ) -> None:
+        """Schedule the next try with backoff, or move the job to error/ after retry_max."""
+        reason = "; ".join(errors)
+        dispatch.retries = (dispatch.retries or 0) + 1
+        if dispatch.retries > self.runtime.config.retry_max:
+            self._to_error(ref, task, claim, f"gave up after {dispatch.retries} tries: {reason}")
+            return
+        delay = retry_delay(self.runtime.config, dispatch.retries)
+        dispatch.next_retry_at = time.time() + delay
+        self.runtime.store.write(ref, task)
+        self.due_at[ref.id] = dispatch.next_retry_at
+        self.log.warning(
+            "delivery failed; will retry",
+            task_id=ref.id,
+            retry=dispatch.retries,
+            retry_max=self.runtime.config.retry_max,
+            in_seconds=round(delay, 1),
+            reason=reason,
+        )
+        self.runtime.emit(
+            TaskEvent(
+                TaskEventType.RETRY_SCHEDULED,
+                ref.id,
+                dispatch.series_uid or "",
+                ", ".join(task.target_names),
+                file_count,
+                info=reason,
+                tags=task.tags,
+            )
+        )
 
     def _deliver_to(
-        self, ref: JobRef, task: Task, dispatch: TaskDispatch, target_name: str, files: list[Path]
+        self,
+        ref: JobRef,
+        task: Task,
+        dispatch: TaskDispatch,
+        target_name: str,
+        files: list[Path],
+        job_open: bool = False,
     ) -> str | None:
         """Send the files ``target_name`` has not confirmed; record the result in ``task``."""
         delivered = set(dispatch.delivered.get(target_name, []))
         pending = [f for f in files if f.name not in delivered]
-        if not pending:
+        if not pending and not job_open:
             return None
         if target_name not in self.runtime.config.targets:
             return f"target '{target_name}' is not in the configuration any more"
+        handed = {f.name for f in pending}
+        more: MoreFiles | None = None
+        if job_open:
+            more = self._more_files(ref, delivered | handed, handed)
+            if not pending:
+                pending = more(0.0) or []
+                if not pending:
+                    return None
         try:
             target = self.runtime.target(target_name)
             result = target.send(
                 DeliveryJob(
-                    task_id=ref.id, folder=ref.path, files=pending, tags=task.tags, task=task
+                    task_id=ref.id,
+                    folder=ref.path,
+                    files=pending,
+                    tags=task.tags,
+                    task=task,
+                    more=more,
                 )
             )
         except Exception as exc:
-            result = DeliveryResult(
-                error=f"{exc.__class__.__name__}: {exc}" if not str(exc).strip() else str(exc)
-            )
-        pending_names = {f.name for f in pending}
-        confirmed = [n for n in result.delivered if n in pending_names]
+            text = str(exc).strip() or exc.__class__.__name__
+            result = DeliveryResult(error=text)
+        confirmed = [n for n in result.delivered if n in handed]
         delivered.update(confirmed)
         dispatch.delivered[target_name] = sorted(delivered)
-        failed = {n: r for n, r in result.failed.items() if n in pending_names}
-        still_missing = pending_names - delivered
+        failed = {n: r for n, r in result.failed.items() if n in handed}
+        still_missing = handed - delivered
         general = result.error or "target did not confirm these instances"
         for name in still_missing:
             failed.setdefault(name, general)
@@ -240,13 +287,33 @@ class Dispatcher(Service):
             )
         if not still_missing:
             return None
+        count = f"{len(still_missing)} of {len(handed)} instance(s) not delivered"
         if result.error:
-            return (
-                f"{len(still_missing)} of {len(pending)} instance(s) not delivered: {result.error}"
-            )
+            return f"{count}: {result.error}"
         first = sorted(failed.items())[:3]
-        detail = ", ".join(f"{n}: {r}" for n, r in first)
-        return f"{len(still_missing)} of {len(pending)} instance(s) not delivered ({detail})"
+        return f"{count} ({', '.join(f'{n}: {r}' for n, r in first)})"
+
+    def _more_files(self, ref: JobRef, seen: set[str], handed: set[str]) -> MoreFiles:
+        """The ``DeliveryJob.more`` callback of an open job: new files as the router links them."""
+        store = self.runtime.store
+
+        def more(timeout: float) -> list[Path] | None:
+            deadline = time.monotonic() + timeout
+            while True:
+                closed = not store.is_open(ref)  # before listing, so no late file is missed
+                new = [f for f in instance_files(ref.path) if f.name not in seen]
+                if new:
+                    names = {f.name for f in new}
+                    seen.update(names)
+                    handed.update(names)
+                    return new
+                if closed:
+                    return None
+                if time.monotonic() >= deadline or self.stop_event.is_set():
+                    return []
+                time.sleep(MORE_FILES_POLL)
+
+        return more
 
     def _to_error(self, ref: JobRef, task: Task | None, claim: object, reason: str) -> None:
         from mercure.jobs.claims import Claim

@@ -14,7 +14,6 @@ plan; the next router pass claims it and finishes the same plan, so no job is ma
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -27,9 +26,9 @@ from typing import Any
 from mercure import __version__
 from mercure.config import Config, Rule
 from mercure.events import TaskEvent, TaskEventType
-from mercure.fsutil import atomic_write_json, remove_tree
+from mercure.fsutil import remove_tree
 from mercure.jobs.claims import try_claim
-from mercure.jobs.incoming import instance_files, read_series_tags
+from mercure.jobs.incoming import instance_files, read_plan, read_series_tags, write_plan_once
 from mercure.jobs.store import State
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, TaskProcessing
 from mercure.rules import RuleResult, compile_rule
@@ -37,7 +36,7 @@ from mercure.services.base import Service
 from mercure.services.runtime import Runtime
 from mercure.tags import read_tags
 
-PLAN_FILE = "plan.json"
+EARLY_DISPATCH_INTERVAL = 0.1
 DONE_PREFIX = ".done-"
 
 
@@ -166,15 +165,21 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
 
 
 class Router(Service):
-    """Finds complete series and routes them."""
+    """Finds complete series and routes them; streams arriving ones to targets that can."""
 
     name = "router"
 
     def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime.config.router_scan_interval)
+        config = runtime.config
+        interval = config.router_scan_interval
+        if config.early_dispatch:
+            interval = min(interval, EARLY_DISPATCH_INTERVAL)
+        super().__init__(interval)
         self.runtime = runtime
         #: Called after a pass that created jobs (the supervisor wakes the dispatcher with it).
         self.on_jobs_created: list[Callable[[], None]] = []
+        # series folder name -> names already linked into its open jobs (this process only)
+        self._linked: dict[str, set[str]] = {}
 
     def run_once(self) -> int:
         handled = 0
@@ -185,16 +190,91 @@ class Router(Service):
             if self.stop_event.is_set():
                 return handled
             handled += self._route_taken(taken)
-        for series in spool.complete_series(self.runtime.config.series_complete_trigger):
+        now = time.time()
+        quiet = self.runtime.config.series_complete_trigger
+        arriving = spool.series()
+        for series in arriving:
             if self.stop_event.is_set():
                 return handled
-            taken_path = spool.take(series.path)
-            if taken_path is not None:
-                handled += self._route_taken(taken_path)
+            if now - series.last_change >= quiet:
+                self._linked.pop(series.path.name, None)
+                taken_path = spool.take(series.path)
+                if taken_path is not None:
+                    handled += self._route_taken(taken_path)
+            elif self.runtime.config.early_dispatch:
+                handled += self._stream(series.path)
+        if len(self._linked) > len(arriving):
+            names = {s.path.name for s in arriving}
+            self._linked = {k: v for k, v in self._linked.items() if k in names}
         if handled:
             for callback in self.on_jobs_created:
                 callback()
         return handled
+
+    # -- series still arriving ---------------------------------------------------------------
+
+    def _plan(self, folder: Path, files: list[Path]) -> list[PlannedJob] | None:
+        """The series' plan: stored with it, or made now from its tags (once, by one router)."""
+        stored = read_plan(folder)
+        if stored is None:
+            tags = read_series_tags(folder)
+            if tags is None:
+                if not files:
+                    return None
+                tags = self._tags_from_file(files[0])
+            decision = evaluate_rules(self.runtime.config, tags)
+            plan = plan_jobs(self.runtime.config, tags, decision)
+            stored = write_plan_once(folder, [j.__dict__ for j in plan], fsync=self.runtime.fsync)
+            if stored is None:
+                return None
+            self.log.info(
+                "series routed",
+                series_uid=tags.get("SeriesInstanceUID"),
+                rules=decision.triggered or "none",
+                fallback=decision.fallback_used,
+                jobs=[f"{j['state']}/{j['id']}" for j in stored],
+            )
+        return [PlannedJob(**j) for j in stored]
+
+    def _streams(self, job: PlannedJob) -> bool:
+        if job.state != "outgoing":
+            return False
+        targets = job.task.get("dispatch", {}).get("target_name") or []
+        names = [targets] if isinstance(targets, str) else list(targets)
+        try:
+            return bool(names) and all(self.runtime.target(n).streaming for n in names)
+        except Exception:
+            return False  # unknown target: the dispatcher reports it once the series is complete
+
+    def _stream(self, folder: Path) -> int:
+        """Open the streaming jobs of an arriving series and link its new instances into them."""
+        files = instance_files(folder)
+        linked = self._linked.setdefault(folder.name, set())
+        new = [f for f in files if f.name not in linked]
+        if not new:
+            return 0
+        plan = self._plan(folder, files)
+        if plan is None:
+            return 0
+        store = self.runtime.store
+        added = 0
+        for job in plan:
+            if not self._streams(job):
+                continue
+            ref = store.find_exact(job.id)
+            try:
+                if ref is None:
+                    task = Task.model_validate(job.task)
+                    store.create(job.state, task, new, open_job=True)
+                    added += len(new)
+                elif store.is_open(ref):
+                    added += store.add_files(ref, new)
+            except FileNotFoundError:
+                return 0  # the series was taken meanwhile; routing it finishes the job
+        linked.update(f.name for f in new)
+        return 1 if added else 0
+
+    # -- complete series ---------------------------------------------------------------------
 
     def _route_taken(self, folder: Path) -> int:
         claim = try_claim(folder)
@@ -215,30 +295,19 @@ class Router(Service):
                 remove_tree(Path(entry.path))
 
     def route_series(self, folder: Path) -> None:
-        """Plan (once) and create the jobs of one claimed series folder."""
+        """Create (or complete) every planned job of one claimed, complete series folder."""
         files = instance_files(folder)
-        plan_path = folder / PLAN_FILE
-        if plan_path.exists():
-            plan = [PlannedJob(**j) for j in json.loads(plan_path.read_bytes())]
-        else:
-            if not files:
-                self.log.info("empty series folder removed", folder=folder.name)
-                return
-            tags = read_series_tags(folder) or self._tags_from_file(files[0])
-            decision = evaluate_rules(self.runtime.config, tags)
-            plan = plan_jobs(self.runtime.config, tags, decision)
-            atomic_write_json(plan_path, [j.__dict__ for j in plan], fsync=self.runtime.fsync)
-            self.log.info(
-                "series routed",
-                series_uid=tags.get("SeriesInstanceUID"),
-                instances=len(files),
-                rules=decision.triggered or "none",
-                fallback=decision.fallback_used,
-                jobs=[f"{j.state}/{j.id}" for j in plan],
-            )
+        plan = self._plan(folder, files)
+        if plan is None:
+            self.log.info("empty series folder removed", folder=folder.name)
+            return
+        store = self.runtime.store
         for job in plan:
             task = Task.model_validate(job.task)
-            self.runtime.store.create(job.state, task, files)
+            ref = store.create(job.state, task, files)
+            if store.is_open(ref):
+                store.add_files(ref, files)
+                store.close(ref)
             self.runtime.emit(
                 TaskEvent(
                     type=TaskEventType(job.event),
@@ -252,6 +321,12 @@ class Router(Service):
             )
             for rule in job.rules:
                 self.runtime.notify_rule("reception", rule, job.id, task.tags)
+        self.log.info(
+            "series complete",
+            series_uid=plan[0].task["info"]["uid"],
+            instances=len(files),
+            jobs=len(plan),
+        )
 
     def _tags_from_file(self, path: Path) -> dict[str, str]:
         extra = list(self.runtime.config.dicom_receiver.additional_tags)
