@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -97,11 +98,11 @@ class PluginManager:
         self._registry = None
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
-        allowed = {a.strip().lower() for a in allow} if allow is not None else None
+        allowed = {_normalize(a) for a in allow} if allow is not None else None
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             dist_name = ep.dist.name if ep.dist is not None else "(unknown distribution)"
             dist_version = ep.dist.version if ep.dist is not None else ""
-            if allowed is not None and dist_name.lower() not in allowed:
+            if allowed is not None and _normalize(dist_name) not in allowed:
                 continue
             if self.pm.has_plugin(ep.name):
                 continue
@@ -185,6 +186,11 @@ class PluginManager:
                 )
 
 
+def _normalize(dist_name: str) -> str:
+    """A distribution name as pip compares them: ``Mercure_Target.X`` is ``mercure-target-x``."""
+    return re.sub(r"[-_.]+", "-", dist_name.strip()).lower()
+
+
 def _call_impl(impl: Any, **kwargs: Any) -> Any:
     """Call one hook implementation with the arguments it declares (pluggy's own rule)."""
     return impl.function(*[kwargs[name] for name in impl.argnames])
@@ -215,7 +221,8 @@ def build_plugin_manager(
         autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
     if autoload:
         allow_env = os.environ.get(ENV_ALLOW)
-        allow = [a for a in allow_env.split(",") if a.strip()] if allow_env else None
+        # Set but empty means "no entry-point plugins", as llm's LLM_LOAD_PLUGINS.
+        allow = [a for a in allow_env.split(",") if a.strip()] if allow_env is not None else None
         manager.load_entry_points(allow)
     if site_folder is not None:
         manager.load_site_plugins(site_folder)

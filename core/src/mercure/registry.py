@@ -129,6 +129,8 @@ def make_register(
             raise PluginRegistrationError(
                 f"{plugin}: the config model of {kind} type '{type_name}' must be a pydantic model"
             )
+        if kind == "target":
+            _check_target_model(plugin, type_name, config_model)
         if base is not None and not (
             isinstance(implementation, type) and issubclass(implementation, base)
         ):
@@ -141,3 +143,29 @@ def make_register(
         )
 
     return register
+
+
+def _check_target_model(plugin: str, type_name: str, config_model: type[BaseModel] | None) -> None:
+    """A target model must be tagged ``target_type: Literal["<type_name>"]``.
+
+    The configuration's ``targets`` union is discriminated by that tag; a model tagged with
+    another name (or not at all) would make every configuration using the type fail with a
+    message that blames the configuration instead of the plugin.
+    """
+    from typing import Literal, get_args, get_origin
+
+    from mercure.targets import TargetConfig
+
+    if config_model is None or not issubclass(config_model, TargetConfig):
+        raise PluginRegistrationError(
+            f"{plugin}: the config model of target type '{type_name}' must subclass "
+            "mercure.targets.TargetConfig"
+        )
+    field = config_model.model_fields.get("target_type")
+    annotation = field.annotation if field is not None else None
+    if get_origin(annotation) is not Literal or get_args(annotation) != (type_name,):
+        raise PluginRegistrationError(
+            f"{plugin}: the config model {config_model.__qualname__} of target type "
+            f"'{type_name}' must declare target_type: Literal[{type_name!r}] "
+            f"(it declares {annotation!r})"
+        )
