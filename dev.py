@@ -51,7 +51,7 @@ def uv_env() -> dict[str, str]:
 
 def setup() -> None:
     """Create .venv, put uv into it, and sync the workspace (core, plugins, dev tools)."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
         sys.exit(f"[dev.py] Python 3.11 or newer is needed; this is {sys.version.split()[0]}.")
     python = BIN / "python"
     if not python.exists():
