@@ -107,11 +107,28 @@ class IncomingSpool:
             except FileNotFoundError:
                 continue
             if self.fsync:
-                fsync_dir(series_dir)
+                try:
+                    fsync_dir(series_dir)
+                except FileNotFoundError:
+                    # A router took the series just after the rename: the instance is in the
+                    # taken folder and is routed with it. Make its entry durable there.
+                    self._fsync_taken(series_name, name)
                 if created:
                     fsync_dir(self.folder)
             return series_dir / name
         raise OSError(f"series folder {series_name} kept disappearing while storing {name}")
+
+    def _fsync_taken(self, series_name: str, name: str) -> None:
+        """fsync the taken folder of ``series_name`` that holds ``name`` (if still there).
+
+        Once the router has removed it, its jobs (fsynced when created) hold the instance.
+        """
+        with os.scandir(self.routing) as entries:
+            candidates = [e.path for e in entries if e.name.startswith(f"{series_name}-")]
+        for path in candidates:
+            if os.path.exists(os.path.join(path, name)):
+                with contextlib.suppress(FileNotFoundError):
+                    fsync_dir(path)
 
     def _write_tags(self, series_dir: Path, tags: Mapping[str, str]) -> None:
         tmp = self.tmp / f"{TMP_PREFIX}{uuid.uuid4().hex}.tags"
