@@ -26,6 +26,7 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     create_model,
+    model_validator,
 )
 
 from mercure.targets import TargetConfig
@@ -60,15 +61,32 @@ OptionalSecret = Annotated[str | None, BeforeValidator(resolve_secret)]
 
 
 class ReceiverTLSConfig(BaseModel):
-    """DICOM TLS for the built-in receiver (paths to PEM files)."""
+    """DICOM TLS for the built-in receiver (paths to PEM files).
+
+    ``key``/``cert``: the receiver's private key and certificate. ``ca_cert``: the CA
+    certificate(s) that client certificates must be signed by; only these are trusted (never
+    the system's store). ``require_client_cert``: refuse clients without such a certificate
+    (mutual TLS); when false, a certificate a client does present is still verified if
+    ``ca_cert`` is set. ``key_password`` decrypts an encrypted key.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    port: int = 11113
+    port: int = Field(default=11113, ge=0, le=65535)
     key: str
     cert: str
     ca_cert: str = ""
     require_client_cert: bool = True
+    key_password: OptionalSecret = None
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> ReceiverTLSConfig:
+        if self.require_client_cert and not self.ca_cert:
+            raise ValueError(
+                "require_client_cert needs ca_cert: the CA certificate that client "
+                "certificates must be signed by (or set require_client_cert to false)"
+            )
+        return self
 
 
 class DicomReceiverConfig(BaseModel):

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -20,8 +21,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mercure import hookimpl
-from mercure.config import Config
+from mercure import dimse_tuning, hookimpl
+from mercure.config import Config, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
 from mercure.jobs.incoming import IncomingSpool
@@ -45,6 +46,101 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_NOT_AUTHORIZED = 0x0124  # Refused: not authorized (C-STORE)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """A server context whose sockets shake hands later, in the connection's own thread.
+
+    pynetdicom wraps each accepted socket in its accept loop; with the handshake done there, one
+    client that connects and sends nothing would block every other TLS association. The
+    handshake is done by :func:`_tls_handshake` when the connection opens instead.
+    """
+
+    def wrap_socket(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
+
+
+class ReceiverStartError(RuntimeError):
+    """The receiver cannot start as configured (bad TLS files, ...)."""
+
+
+def server_tls_context(tls: ReceiverTLSConfig) -> ssl.SSLContext:
+    """The receiver's TLS context: its certificate, and only ``ca_cert`` trusted for clients."""
+    for field, path in (("key", tls.key), ("cert", tls.cert), ("ca_cert", tls.ca_cert)):
+        if path and not Path(path).is_file():
+            raise ReceiverStartError(
+                f"DICOM TLS receiver: dicom_receiver.tls.{field} file {path} does not exist or "
+                "is not a file; fix the path or remove the tls section"
+            )
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key, password=tls.key_password or "")
+    except ssl.SSLError as exc:
+        raise ReceiverStartError(
+            f"DICOM TLS receiver: cannot load certificate {tls.cert} with key {tls.key}: "
+            f"{exc.reason or exc}; check that both are PEM files, that the key belongs to the "
+            "certificate, and key_password if the key is encrypted"
+        ) from exc
+    if tls.ca_cert:
+        try:
+            context.load_verify_locations(cafile=tls.ca_cert)
+        except ssl.SSLError as exc:
+            raise ReceiverStartError(
+                f"DICOM TLS receiver: ca_cert {tls.ca_cert} holds no PEM certificate "
+                f"({exc.reason or exc})"
+            ) from exc
+    if tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_OPTIONAL if tls.ca_cert else ssl.CERT_NONE
+    return context
+
+
+def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
+    """Complete a deferred server handshake; on failure log why and close the connection."""
+    try:
+        sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        sock.do_handshake()
+        sock.settimeout(None)
+    except (OSError, ValueError) as exc:
+        reason = str((exc.reason or exc) if isinstance(exc, ssl.SSLError) else exc)
+        upper = reason.upper()
+        if "CERTIFICATE" in upper:
+            hint = "the client must present a certificate signed by dicom_receiver.tls.ca_cert"
+        elif "WRONG_VERSION" in upper or "HTTP" in upper or "RECORD" in upper:
+            hint = "the client does not speak TLS: plain DICOM goes to the receiver's plain port"
+        elif isinstance(exc, TimeoutError):
+            hint = f"the client sent no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
+        else:
+            hint = "check the client's TLS settings"
+        log.warning("DICOM TLS handshake failed; connection closed", address=address,
+                    reason=reason, hint=hint)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return
+    peer = sock.getpeercert()
+    if peer:
+        subject = ", ".join("=".join(item) for rdn in peer.get("subject", ()) for item in rdn)
+        log.info("DICOM TLS connection", address=address, client_cert=subject)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -108,6 +204,7 @@ class DicomReceiver(Receiver):
         ]
 
     def start(self) -> None:
+        dimse_tuning.install()
         ae = self._make_ae()
         address = (self.settings.bind_address, self.config.port)
         server = ae.start_server(address, block=False, evt_handlers=self._handlers())
@@ -116,20 +213,17 @@ class DicomReceiver(Receiver):
         log.info("DICOM receiver listening", address=address[0], port=self.port)
         tls = self.settings.tls
         if tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
-            if tls.ca_cert:
-                context.load_verify_locations(cafile=tls.ca_cert)
-            context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
             tls_server = self._make_ae().start_server(
                 (self.settings.bind_address, tls.port),
                 block=False,
                 evt_handlers=self._handlers(),
-                ssl_context=context,
+                ssl_context=server_tls_context(tls),
             )
             assert tls_server is not None
             self.servers.append(tls_server)
-            log.info("DICOM TLS receiver listening", port=tls_server.server_address[1])
+            log.info("DICOM TLS receiver listening", address=self.settings.bind_address,
+                     port=tls_server.server_address[1],
+                     client_cert="required" if tls.require_client_cert else "optional")
 
     @property
     def port(self) -> int:
@@ -156,6 +250,8 @@ class DicomReceiver(Receiver):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(sock, ssl.SSLSocket):
+                _tls_handshake(sock, event.assoc.requestor.address)
 
     def handle_echo(self, event: Any) -> int:
         if not self._allowed(event):
