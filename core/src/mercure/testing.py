@@ -228,8 +228,8 @@ def config_for(tmp_path: Path, **overrides: Any) -> Config:
         retry_delay=1,
         retry_max=3,
     )
-    data.update(overrides)
     registry = overrides.pop("_registry", None) or build_plugin_manager(autoload=True).registry
+    data.update(overrides)
     config, _ = validate_config(data, registry)
     return config
 
