@@ -54,6 +54,18 @@ def find_config(path: Path | None) -> Path | None:
     return local if local.exists() else None
 
 
+def _site_plugin_folder(config_path: Path | None) -> str | None:
+    """The configuration's ``plugin_folder``, read before validation needs its plugins."""
+    if config_path is None:
+        return None
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_config reports the problem
+    folder = raw.get("plugin_folder") if isinstance(raw, dict) else None
+    return folder if isinstance(folder, str) and folder else None
+
+
 def load(path: Path | None, data: Path | None = None) -> Loaded:
     """Load plugins and the configuration, or exit with every error explained."""
     config_path = find_config(path)
@@ -62,6 +74,11 @@ def load(path: Path | None, data: Path | None = None) -> Loaded:
     except PluginRegistrationError as exc:
         raise die(f"plugin error: {exc}") from None
     try:
+        # Site plugins first: the configuration may use the target types they register.
+        site_folder = _site_plugin_folder(config_path)
+        if site_folder:
+            plugins.load_site_plugins(Path(site_folder))
+            plugins.check()
         registry = plugins.registry
         if config_path is None:
             folder = data or Path(os.environ.get(ENV_DATA, DEFAULT_DATA))
@@ -74,15 +91,6 @@ def load(path: Path | None, data: Path | None = None) -> Loaded:
         else:
             config, warnings = load_config(config_path, registry)
             source = str(config_path)
-        if config.plugin_folder:
-            plugins.load_site_plugins(Path(config.plugin_folder))
-            plugins.check()
-            raw = (
-                json.loads(config_path.read_text())
-                if config_path
-                else default_config_data(data or DEFAULT_DATA)
-            )
-            config, warnings = validate_config(raw, plugins.registry, source)
     except PluginRegistrationError as exc:
         raise die(f"plugin error: {exc}") from None
     except ConfigError as exc:
