@@ -79,6 +79,8 @@ class PlannedJob:
     task: dict[str, Any]
     event: str
     rules: list[str]
+    #: Notification-only rules that matched next to this job's rules: told on reception too.
+    notify: list[str] = field(default_factory=list)
 
 
 def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[PlannedJob]:
@@ -161,6 +163,9 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
         jobs.append(
             PlannedJob(t["id"], "discard", t, TaskEventType.NOTIFICATION, notification_only)
         )
+    elif notification_only:
+        # mercure sends a notification rule's reception notice whatever else matched.
+        jobs[0].notify = notification_only
     return jobs
 
 
@@ -216,6 +221,8 @@ class Router(Service):
     def _plan(self, folder: Path, files: list[Path]) -> list[PlannedJob] | None:
         """The series' plan: stored with it, or made now from its tags (once, by one router)."""
         stored = read_plan(folder)
+        if stored is None and not files:
+            return None  # only series.tags: its instance went to a new series folder
         if stored is None:
             tags = read_series_tags(folder)
             if tags is None:
@@ -302,6 +309,7 @@ class Router(Service):
             self.log.info("empty series folder removed", folder=folder.name)
             return
         store = self.runtime.store
+        notified: set[str] = set()
         for job in plan:
             task = Task.model_validate(job.task)
             ref = store.create(job.state, task, files)
@@ -319,8 +327,10 @@ class Router(Service):
                     tags=task.tags,
                 )
             )
-            for rule in job.rules:
-                self.runtime.notify_rule("reception", rule, job.id, task.tags)
+            for rule in [*job.rules, *job.notify]:
+                if rule not in notified:  # once per rule, even if it made several jobs
+                    notified.add(rule)
+                    self.runtime.notify_rule("reception", rule, job.id, task.tags)
         self.log.info(
             "series complete",
             series_uid=plan[0].task["info"]["uid"],
