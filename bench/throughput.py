@@ -1,0 +1,114 @@
+"""Throughput: DCMTK storescu -> router -> DCMTK storescp, against storescu -> storescp directly.
+
+Timed from the start of the sending storescu to the modification time of the last instance
+written by the target storescp. The router is a ``mercure run`` subprocess with one rule that
+routes everything to a ``dicom`` target; ``series_complete_trigger`` is 1 s.
+
+Figures (ratio = direct time / router time, so 1.0 is as fast as DCMTK alone):
+
+* ``ratio_1assoc``: one association of N instances, router time less the quiet time (the
+  issue's definition); ``ratio_1assoc_raw`` without subtracting it.
+* ``ratio_4assoc``: four associations of N/4 instances in parallel into the router, against the
+  same one-association direct reference; ``direct_4assoc_s`` is DCMTK with four parallel
+  senders into one storescp, for information.
+
+Usage: python bench/throughput.py [--count 500] [--repeat 3] [--no-early-dispatch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from common import (
+    StoreSCP,
+    free_port,
+    make_ct_series,
+    report,
+    require_dcmtk,
+    router,
+    settle_disk,
+    spool_config,
+    storescu,
+    workdir,
+)
+
+QUIET = 1
+
+
+def send_and_wait(scp: StoreSCP, batches: list[list[Path]], port: int, total: int) -> float:
+    scp.clear()
+    settle_disk()
+    start = time.time()
+    senders = [storescu(batch, port) for batch in batches]
+    for sender in senders:
+        _, err = sender.communicate(timeout=600)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    last = scp.wait_for(total, timeout=120)
+    return last - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-early-dispatch", action="store_true")
+    args = parser.parse_args()
+    require_dcmtk()
+    n = args.count
+    with workdir("throughput") as base:
+        one = make_ct_series(base / "one", n)
+        four = make_ct_series(base / "four", n // 4, series=4)
+        four_batches = [four[i * (n // 4) : (i + 1) * (n // 4)] for i in range(4)]
+        scp = StoreSCP(base / "scp")
+        try:
+            direct = [send_and_wait(scp, [one], scp.port, n) for _ in range(args.repeat)]
+            direct4 = [send_and_wait(scp, four_batches, scp.port, n) for _ in range(args.repeat)]
+            port = free_port()
+            config = spool_config(
+                base / "spool",
+                port=port,
+                series_complete_trigger=QUIET,
+                early_dispatch=not args.no_early_dispatch,
+                targets={
+                    "pacs": {
+                        "target_type": "dicom",
+                        "ip": "127.0.0.1",
+                        "port": str(scp.port),
+                        "aet_target": "STORESCP",
+                    }
+                },
+                rules={"all": {"rule": "True", "target": "pacs", "action": "route"}},
+            )
+            with router(config, base):
+                routed = [send_and_wait(scp, [one], port, n) for _ in range(args.repeat)]
+                routed4 = [send_and_wait(scp, four_batches, port, n) for _ in range(args.repeat)]
+        finally:
+            scp.stop()
+    ref = statistics.median(direct)
+    r1 = statistics.median(routed)
+    r4 = statistics.median(routed4)
+    report(
+        "throughput",
+        {
+            "instances": n,
+            "early_dispatch": not args.no_early_dispatch,
+            "direct_s": round(ref, 3),
+            "direct_4assoc_s": round(statistics.median(direct4), 3),
+            "router_1assoc_s": round(r1, 3),
+            "router_4assoc_s": round(r4, 3),
+            "quiet_s": QUIET,
+            "ratio_1assoc": round(ref / max(r1 - QUIET, 1e-3), 3),
+            "ratio_1assoc_raw": round(ref / r1, 3),
+            "ratio_4assoc": round(ref / max(r4 - QUIET, 1e-3), 3),
+            "ratio_4assoc_raw": round(ref / r4, 3),
+            "runs": {"direct": direct, "direct4": direct4, "router": routed, "router4": routed4},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
