@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 
-from mercure.cli.context import die
-from mercure.config import ConfigError, default_config_data, load_config
-from mercure.plugins import build_plugin_manager
+from mercure.cli.context import die, load
+from mercure.config import default_config_data
 
 app = typer.Typer(help="Check or create a mercure.json configuration.", no_args_is_help=True)
 
@@ -17,11 +16,9 @@ app = typer.Typer(help="Check or create a mercure.json configuration.", no_args_
 @app.command("check")
 def check(path: Path = typer.Argument(..., help="The mercure.json to check.")) -> None:
     """Validate a configuration; report every error with its JSON path. Exit 1 if invalid."""
-    registry = build_plugin_manager().registry
-    try:
-        config, warnings = load_config(path, registry)
-    except ConfigError as exc:
-        raise die(str(exc)) from None
+    # The same loading as every other command, so site plugins (plugin_folder) count too.
+    loaded = load(path)
+    config, warnings = loaded.config, loaded.warnings
     for warning in warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
     typer.echo(
