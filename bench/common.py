@@ -69,9 +69,18 @@ class StoreSCP:
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(DCMTK / "storescp"), "-aet", "STORESCP", "-od", str(folder), "-uf",
-             str(self.port)],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(DCMTK / "storescp"),
+                "-aet",
+                "STORESCP",
+                "-od",
+                str(folder),
+                "-uf",
+                str(self.port),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port, self.proc)
 
@@ -107,7 +116,9 @@ class StoreSCP:
 def storescu(files: list[Path], port: int, aec: str = "ANY") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(DCMTK / "storescu"), "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -117,38 +128,42 @@ def spool_config(base: Path, **overrides: Any) -> dict[str, Any]:
         for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
     }
     config.update(
-        series_complete_trigger=1, router_scan_interval=1, dispatcher_scan_interval=1,
-        retry_delay=5, retry_max=3, cleaner_scan_interval=3600,
+        series_complete_trigger=1,
+        router_scan_interval=1,
+        dispatcher_scan_interval=1,
+        retry_delay=5,
+        retry_max=3,
+        cleaner_scan_interval=3600,
     )
     config.update(overrides)
     return config
 
 
 @contextmanager
-def router(config: dict[str, Any], base: Path, only: str | None = None) -> Iterator[
-    subprocess.Popen[bytes]
-]:
+def router(
+    config: dict[str, Any], base: Path, only: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``mercure run`` with ``config`` in a subprocess; its log goes to ``base/router.log``."""
     path = base / "mercure.json"
     path.write_text(json.dumps(config, indent=2))
     args = [str(MERCURE), "run", "--config", str(path)]
     if only:
         args += ["--only", only]
-    log = open(base / "router.log", "wb")
-    proc = subprocess.Popen(args, env={**ENV, "MERCURE_LOG_FORMAT": "json"}, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        if only is None or "receiver" in only:
-            wait_port(int(config["port"]), proc)
-        yield proc
-    finally:
-        proc.terminate()
+    with open(base / "router.log", "wb") as log:
+        proc = subprocess.Popen(
+            args, env={**ENV, "MERCURE_LOG_FORMAT": "json"}, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            if only is None or "receiver" in only:
+                wait_port(int(config["port"]), proc)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @contextmanager

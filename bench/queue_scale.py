@@ -19,11 +19,10 @@ import uuid
 from pathlib import Path
 
 from common import report, settle_disk, workdir
-
 from mercure.config import validate_config
 from mercure.jobs.incoming import IncomingSpool
-from mercure.logs import configure_logging
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo
+from mercure.logs import configure_logging
 from mercure.plugins import build_plugin_manager
 from mercure.services.dispatcher import Dispatcher
 from mercure.services.router import Router
