@@ -319,7 +319,11 @@ class DicomReceiver(Receiver):
             tags,
             sender_address=str(requestor.address),
             sender_aet=str(requestor.ae_title).strip(),
-            receiver_aet=str(event.assoc.acceptor.ae_title).strip(),
+            # The AE title the sender called (mercure's receiver AET), not our own title.
+            receiver_aet=str(
+                getattr(requestor.primitive, "called_ae_title", None)
+                or event.assoc.acceptor.ae_title
+            ).strip(),
         )
         try:
             self.spool.store(series_uid, sop_uid, [header, stream], tags)
