@@ -69,6 +69,11 @@ class Dispatcher(Service):
             self.due_at[job_id] = due
             heapq.heappush(self._heap, (due, job_id))
 
+    def _forget(self, job_id: str) -> None:
+        """The job left outgoing/: if it comes back (``mercure job retry``), scan it anew."""
+        with self._lock:
+            self.due_at.pop(job_id, None)
+
     def _scan(self, now: float) -> None:
         outgoing = self.runtime.store.folders["outgoing"]
         with os.scandir(outgoing) as entries:
@@ -177,6 +182,7 @@ class Dispatcher(Service):
                     return
             store.write(ref, task)
             store.move(ref, "success", claim)
+            self._forget(ref.id)
             log.info("job delivered", targets=task.target_names, instances=len(files))
             self.runtime.emit(
                 TaskEvent(
@@ -349,6 +355,7 @@ class Dispatcher(Service):
             task.history.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} error: {reason}")
             self.runtime.store.write(ref, task)
         self.runtime.store.move(ref, "error", claim if isinstance(claim, Claim) else None)
+        self._forget(ref.id)
         self.log.error("job moved to error", task_id=ref.id, reason=reason)
         tags = task.tags if task else {}
         self.runtime.emit(
