@@ -361,6 +361,22 @@ def test_rules_naming_missing_targets_and_modules(registry: Registry) -> None:
     assert "needs a target" in errors["rules.empty.target"]
 
 
+def test_processing_rules_need_a_module(registry: Registry) -> None:
+    errors = errors_of(
+        {
+            "targets": {"t": {"target_type": "dummy"}},
+            "rules": {
+                "p": {"rule": "True", "action": "process"},
+                "b": {"rule": "True", "action": "both", "target": "t", "processing_module": []},
+                "off": {"rule": "True", "action": "process", "disabled": True},
+            },
+        },
+        registry,
+    )
+    assert set(errors) == {"rules.p.processing_module", "rules.b.processing_module"}
+    assert "needs a processing module" in errors["rules.p.processing_module"]
+
+
 def test_forbidden_rule_expression_is_an_error_with_column(registry: Registry) -> None:
     errors = errors_of(
         {

@@ -346,6 +346,13 @@ def _check_references(config: Config, registry: Registry) -> list[tuple[str, str
             if not rule.targets and not rule.disabled:
                 errors.append((f"rules.{name}.target", f"action '{rule.action}' needs a target"))
         if rule.action in ("process", "both"):
+            if not rule.modules and not rule.disabled:
+                errors.append(
+                    (
+                        f"rules.{name}.processing_module",
+                        f"action '{rule.action}' needs a processing module",
+                    )
+                )
             for module in rule.modules:
                 if module not in config.modules:
                     errors.append(
