@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from mercure import hookimpl
@@ -19,6 +19,7 @@ from mercure.plugins import PluginManager
 from mercure.registry import RegisterFn
 from mercure.services.router import DONE_PREFIX, Router, evaluate_rules, plan_jobs
 from mercure.services.runtime import Runtime, build_runtime
+from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig
 from mercure.testing import config_for, make_series
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -573,3 +574,67 @@ def test_empty_taken_folder_is_removed_without_jobs(
     Router(rt).run_once()
     assert not empty.exists()
     assert rt.store.list() == []
+
+
+# -- early dispatch ----------------------------------------------------------------------------
+
+
+class StreamingPlugin:
+    """A target type ``stream`` that declares it can send while a series arrives."""
+
+    @hookimpl
+    def register_targets(self, register: RegisterFn) -> None:
+        class StreamConfig(TargetConfig):
+            target_type: Literal["stream"] = "stream"
+
+        class StreamTarget(Target[StreamConfig]):
+            streaming = True
+
+            def send(self, job: DeliveryJob) -> DeliveryResult:
+                return DeliveryResult.all_delivered(job)
+
+        register("stream", StreamConfig, StreamTarget)
+
+
+def test_open_streaming_job_is_completed_by_a_restarted_router(
+    tmp_path: Path, plugin_manager: PluginManager, register_plugin: Any
+) -> None:
+    register_plugin(StreamingPlugin(), "streaming")
+    config = config_for(
+        tmp_path,
+        targets={
+            "s": {"target_type": "stream"},
+            "a": {"target_type": "folder", "folder": str(tmp_path / "target-a")},
+        },
+        rules={"all": {"rule": "True", "target": ["s", "a"]}},
+        series_complete_trigger=60,
+        early_dispatch=True,
+        _registry=plugin_manager.registry,
+    )
+    rt = build_runtime(config, plugin_manager)
+    first = receive(rt, CT_TAGS, 2)
+    Router(rt).run_once()
+    # The streaming target's job is open with what arrived; the folder target waits.
+    ((ref, task),) = jobs(rt)["outgoing"]
+    assert task.target_names == ["s"]
+    assert rt.store.is_open(ref)
+    assert sorted(p.name for p in instance_files(ref.path)) == sorted(first)
+
+    # The router dies; more instances arrive; a new router links them into the same job.
+    more = [rt.spool.store(SERIES, f"{SERIES}.{i}", [b"late %d" % i], CT_TAGS).name for i in (3, 4)]
+    router = Router(rt)
+    router.run_once()
+    ((ref2, _),) = jobs(rt)["outgoing"]
+    assert ref2 == ref
+    assert sorted(p.name for p in instance_files(ref.path)) == sorted(first + more)
+
+    # The series completes: the open job is closed, the folder target's job is created.
+    old = os.stat(rt.spool.folder / SERIES).st_mtime - 120
+    os.utime(rt.spool.folder / SERIES, (old, old))
+    router.run_once()
+    found = jobs(rt)["outgoing"]
+    assert sorted(t.target_names[0] for _, t in found) == ["a", "s"]
+    for job_ref, _ in found:
+        assert not rt.store.is_open(job_ref)
+        assert sorted(p.name for p in instance_files(job_ref.path)) == sorted(first + more)
+    assert spool_is_empty(rt)
