@@ -47,14 +47,28 @@ def queue(
         if arriving and not as_json:
             typer.echo(f"incoming: {len(arriving)} series still arriving")
     for st in states:
-        refs = sorted(store.list([st]), key=lambda r: r.path.stat().st_mtime)
+        # Jobs move on while we list them (a running router): sort and skip without failing.
+        refs = sorted(store.list([st]), key=lambda r: -store.age(r))
         if not as_json:
             typer.echo(f"{st}: {len(refs)} job(s)")
         for ref in refs:
             try:
                 task = store.read(ref)
+                instances = len(instance_files(ref.path))
+            except FileNotFoundError:
+                if not ref.path.is_dir():
+                    continue  # moved to another state since the listing
+                instances = 0
+                task = None
+                problem = "task.json is missing"
             except (OSError, ValueError) as exc:
-                typer.echo(f"  {ref.id}  (task.json unreadable: {exc})")
+                task = None
+                problem = f"task.json unreadable: {exc}"
+            if task is None:
+                if as_json:
+                    typer.echo(json.dumps({"id": ref.id, "state": st, "error": problem}))
+                else:
+                    typer.echo(f"  {ref.id}  ({problem})")
                 continue
             if series and task.info.uid != series:
                 continue
@@ -68,7 +82,7 @@ def queue(
                 "retries": d.retries if d else None,
                 "next_retry_at": d.next_retry_at if d else None,
                 "error": task.error,
-                "instances": len(instance_files(ref.path)),
+                "instances": instances,
             }
             if as_json:
                 typer.echo(json.dumps(row))
