@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import typer
-from mercure.jobs.store import JobStore
+from mercure.jobs.store import STATES, JobRef, JobStore
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, read_task
 from mercure.testing import make_series
 from typer.testing import CliRunner, Result
@@ -283,6 +283,40 @@ def test_queue_survives_an_unreadable_task_file(
     assert result.exit_code == 0, result.output
     assert "aaaa-out  (task.json unreadable" in result.output
     assert "bbbb-err" in result.output
+
+
+def test_queue_json_stays_json_with_an_unreadable_task_file(
+    cli: typer.Typer, queue_setup: tuple[Path, JobStore]
+) -> None:
+    config, store = queue_setup
+    ref = store.find_exact("aaaa-out")
+    assert ref is not None
+    (ref.path / "task.json").write_text("{not json")
+    result = run(cli, "queue", "--config", str(config), "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    bad = next(r for r in rows if r["id"] == "aaaa-out")
+    assert "task.json unreadable" in bad["error"]
+    assert {r["id"] for r in rows} == {"aaaa-out", "bbbb-err", "cccc-ok"}
+
+
+def test_queue_skips_jobs_that_move_while_it_lists(
+    cli: typer.Typer, queue_setup: tuple[Path, JobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running dispatcher moves jobs between the listing and the reading: no traceback."""
+    config, _ = queue_setup
+    real_list = JobStore.list
+
+    def racing_list(self: JobStore, states: Any = STATES) -> list[JobRef]:
+        refs = real_list(self, states)
+        # A job that was in these states when listed, and has moved on since.
+        return refs + [JobRef("dddd-moved", s, self.folders[s] / "dddd-moved") for s in states]
+
+    monkeypatch.setattr(JobStore, "list", racing_list)
+    result = run(cli, "queue", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "dddd-moved" not in result.output
+    assert "bbbb-err" in result.output and "aaaa-out" in result.output
 
 
 def test_job_show(cli: typer.Typer, queue_setup: tuple[Path, JobStore]) -> None:
