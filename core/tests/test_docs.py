@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from pydantic import BaseModel
-
 from mercure import PROJECT_NAME, config, hookspecs, targets
 from mercure.plugins import PluginManager
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
