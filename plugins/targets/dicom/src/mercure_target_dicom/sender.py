@@ -53,8 +53,9 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # DICOM allows at most 128 presentation contexts per association
 FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-CONVERTIBLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         DeflatedExplicitVRLittleEndian})
+CONVERTIBLE = frozenset(
+    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+)
 DEFAULT_CALLING_AET = "MERCURE"
 DEFAULT_CALLED_AET = "ANY-SCP"
 
@@ -287,6 +288,25 @@ def association_failure(peer: Peer, assoc: Association, watch: _Watch, purpose: 
     )
 
 
+def _ended_reason(assoc: Association, watch: _Watch, peer: Peer, started: float) -> str:
+    """Why a C-STORE got no response (checked at once, before pynetdicom tidies up)."""
+    if watch.abort is not None and type(watch.abort).__name__ == "A_ABORT":
+        return watch.abort_text()
+    with contextlib.suppress(Exception):
+        if assoc.acse.is_aborted("a-abort"):
+            return "the peer aborted the association (A-ABORT)"
+    if time.monotonic() - started >= peer.timeout:
+        return f"no response within {peer.timeout:g} s (DIMSE timeout); the association was aborted"
+    if watch.abort is not None:
+        return watch.abort_text()
+    with contextlib.suppress(Exception):
+        if assoc.acse.is_aborted("a-p-abort"):
+            return "the connection was closed or broke (A-P-ABORT)"
+    if watch.closed:
+        return "the connection was closed"
+    return "the association was aborted"
+
+
 def _speaks_tls(peer: Peer) -> bool:
     from mercure_target_dicom.tls import speaks_tls
 
@@ -370,43 +390,34 @@ class Sender:
         for cx in assoc.accepted_contexts:
             abstract = UID(cx.abstract_syntax or "")
             accepted.setdefault(abstract, []).append(UID(cx.transfer_syntax[0]))
-        sent = 0
         for position, inst in enumerate(instances):
             name = inst.path.name
-            if not assoc.is_established:
-                reason = (
-                    f"association to {peer.label} ended after {sent} of {len(instances)} "
-                    f"instance(s): {watch.abort_text()}; the rest will be retried"
-                )
-                outcome.error = reason
-                for rest in instances[position:]:
-                    outcome.failed[rest.path.name] = reason
-                return
             payload, problem = self._payload(inst, accepted.get(inst.sop_class, []))
             if payload is None:
                 outcome.failed[name] = problem
                 continue
-            try:
-                status = assoc.send_c_store(payload, msg_id=(position % 65535) + 1)
-            except (OSError, ValueError, AttributeError) as exc:
-                outcome.failed[name] = f"cannot send {name}: {exc}"
-                continue
-            except RuntimeError:  # association no longer established
-                continue_reason = watch.abort_text()
-                outcome.failed[name] = f"not sent: {continue_reason}"
-                continue
-            sent += 1
-            if "Status" not in status:
-                if assoc.is_aborted or not assoc.is_established:
-                    outcome.failed[name] = (
-                        f"no response for SOP Instance {inst.sop_instance}: {watch.abort_text()}"
-                    )
-                else:
-                    outcome.failed[name] = (
-                        f"no response for SOP Instance {inst.sop_instance} within "
-                        f"{peer.timeout:g} s (DIMSE timeout)"
-                    )
-                continue
+            started = time.monotonic()
+            status: Dataset | None = None
+            if assoc.is_established:
+                try:
+                    status = assoc.send_c_store(payload, msg_id=(position % 65535) + 1)
+                except (OSError, ValueError, AttributeError) as exc:
+                    outcome.failed[name] = f"cannot send {name}: {exc}"
+                    continue
+                except RuntimeError:  # the association ended under us
+                    status = None
+            if status is None or "Status" not in status:
+                # No answer: the association is gone (the peer aborted, the connection broke,
+                # or pynetdicom aborted after the DIMSE timeout). Stop here; the rest is retried.
+                why = _ended_reason(assoc, watch, peer, started)
+                outcome.error = (
+                    f"association to {peer.label} ended after {len(outcome.delivered)} "
+                    f"delivered instance(s): {why}; undelivered instances will be retried"
+                )
+                outcome.failed[name] = f"no response for SOP Instance {inst.sop_instance}: {why}"
+                for rest in instances[position + 1 :]:
+                    outcome.failed.setdefault(rest.path.name, f"not sent: {why}")
+                return
             code = int(status.Status)
             if is_delivered(code):
                 outcome.delivered.append(name)
@@ -416,13 +427,6 @@ class Sender:
                     f"{describe_status(code)} for SOP Instance {inst.sop_instance}"
                     + (f": {comment}" if comment else "")
                 )
-        if not assoc.is_established and any(
-            i.path.name not in outcome.delivered for i in instances
-        ):
-            outcome.error = outcome.error or (
-                f"association to {peer.label} ended: {watch.abort_text()}; undelivered instances "
-                "will be retried"
-            )
 
     def _payload(self, inst: Instance, accepted: list[UID]) -> tuple[Path | Dataset | None, str]:
         """The file itself (sent as stored) or a decoded dataset to convert, or why neither."""

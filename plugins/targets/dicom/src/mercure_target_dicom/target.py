@@ -50,8 +50,12 @@ class DicomTarget(Target[DicomTargetConfig]):
         peer = self.peer(job)
         outcome = Sender(peer, task_id=job.task_id).send(list(job.files))
         log.info(
-            "C-STORE finished", target=self.name, task_id=job.task_id, peer=peer.label,
-            delivered=len(outcome.delivered), failed=len(outcome.failed),
+            "C-STORE finished",
+            target=self.name,
+            task_id=job.task_id,
+            peer=peer.label,
+            delivered=len(outcome.delivered),
+            failed=len(outcome.failed),
         )
         return DeliveryResult(
             delivered=outcome.delivered, failed=outcome.failed, error=outcome.error
@@ -76,8 +80,9 @@ class DicomTLSTarget(DicomTarget):
         cfg = self.config
         context = client_context(self.name, cfg)
         server_hostname = plain.host if cfg.tls_check_hostname else None
-        probe = partial(probe_tls, plain.host, plain.port, context, cfg.timeout, server_hostname,
-                        cfg)
+        probe = partial(
+            probe_tls, plain.host, plain.port, context, cfg.timeout, server_hostname, cfg
+        )
         return Peer(
             host=plain.host,
             port=plain.port,
@@ -108,7 +113,10 @@ def _tag(target: str, job: DeliveryJob, tag: str, option: str) -> str:
     value = (job.tags.get(tag) or "").strip()
     if not value:
         log.warning(
-            "job has no AE title to pass; using the configured one", target=target,
-            task_id=job.task_id, tag=tag, option=option,
+            "job has no AE title to pass; using the configured one",
+            target=target,
+            task_id=job.task_id,
+            tag=tag,
+            option=option,
         )
     return value

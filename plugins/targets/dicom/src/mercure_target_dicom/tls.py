@@ -33,14 +33,15 @@ def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
             f"target '{target}': set both tls_key and tls_cert (the client certificate), or "
             "neither (no client certificate)"
         )
-    for field, path in (("tls_key", config.tls_key), ("tls_cert", config.tls_cert),
-                        ("ca_cert", config.ca_cert)):
+    for field, path in (
+        ("tls_key", config.tls_key),
+        ("tls_cert", config.tls_cert),
+        ("ca_cert", config.ca_cert),
+    ):
         if path:
             _check_file(target, field, path)
     try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=config.ca_cert or None
-        )
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.ca_cert or None)
     except ssl.SSLError as exc:
         raise TargetError(
             f"target '{target}': ca_cert {config.ca_cert} is not a PEM certificate file "
@@ -161,8 +162,11 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
         reason = str(exc.reason or exc).upper()
         # A non-TLS peer makes the handshake fail with a record/version error or an EOF.
         return not (
-            "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "EOF" in reason
-            or "PACKET_LENGTH" in reason or "UNEXPECTED" in reason
+            "WRONG_VERSION_NUMBER" in reason
+            or "RECORD_LAYER" in reason
+            or "EOF" in reason
+            or "PACKET_LENGTH" in reason
+            or "UNEXPECTED" in reason
         )
     except OSError:
         return False
