@@ -81,6 +81,7 @@ def setup() -> None:
 
 
 def peers_hint() -> None:
+    """Say whether the tests that talk to real DICOM peers will run or be skipped."""
     missing = [
         name
         for name, path in (("DCMTK", "/usr/bin/storescp"), ("Orthanc", "/usr/sbin/Orthanc"))
@@ -91,6 +92,8 @@ def peers_hint() -> None:
             f"{' and '.join(missing)} not found: tests that talk to them are skipped. "
             f"`{PEER_INSTALL}` enables them."
         )
+    else:
+        say("DCMTK and Orthanc found: the tests that talk to them run too.")
 
 
 def mypy_targets() -> list[str]:
