@@ -16,8 +16,10 @@ job folder that is visible is always complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,29 +104,41 @@ class JobStore:
         existing = self.find_exact(task.id)
         if existing is not None:
             return existing
-        staging = self.folders[state] / f"{STAGING_PREFIX}{task.id}"
-        if staging.exists():
-            remove_tree(staging)
+        # A staging folder of its own: two processes building the same job at once (routers
+        # streaming one arriving series) never write into each other's folder, and the rename
+        # below lets exactly one of them publish the job.
+        staging = self.folders[state] / f"{STAGING_PREFIX}{task.id}.{uuid.uuid4().hex[:12]}"
         staging.mkdir()
         building = try_claim(staging)  # keeps clean_staging() of other processes away
-        for src in files:
-            link_or_copy(src, staging / src.name)
-        write_task(staging, task, fsync=False)
-        if open_job:
-            (staging / OPEN_MARKER).touch()
-        if self.fsync:
-            for entry in os.scandir(staging):
-                with contextlib.suppress(OSError):
-                    fd = os.open(entry.path, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-            fsync_dir(staging)
-        final = self.folders[state] / task.id
-        os.rename(staging, final)
-        if self.fsync:
-            fsync_dir(self.folders[state])
-        if building is not None:
-            building.release()
+        if building is None:
+            raise OSError(f"staging folder {staging} was taken away while it was being built")
+        with building:
+            for src in files:
+                link_or_copy(src, staging / src.name)
+            write_task(staging, task, fsync=False)
+            if open_job:
+                (staging / OPEN_MARKER).touch()
+            if self.fsync:
+                for entry in os.scandir(staging):
+                    with contextlib.suppress(OSError):
+                        fd = os.open(entry.path, os.O_RDONLY)
+                        os.fsync(fd)
+                        os.close(fd)
+                fsync_dir(staging)
+            final = self.folders[state] / task.id
+            try:
+                os.rename(staging, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Another process published this job first: keep theirs.
+                remove_tree(staging)
+                existing = self.find_exact(task.id)
+                if existing is None:
+                    raise
+                return existing
+            if self.fsync:
+                fsync_dir(self.folders[state])
         return JobRef(task.id, state, final)
 
     def find_exact(self, task_id: str) -> JobRef | None:
