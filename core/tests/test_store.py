@@ -335,17 +335,18 @@ def test_staging_folders_are_invisible(tmp_path: Path, store: JobStore) -> None:
     (staging / "1.dcm").write_bytes(b"x")
     assert store.list() == []
     assert store.find("half-built") is None
-    # A leftover staging folder of the same id is replaced by the real job.
+    # A leftover staging folder of the same job (its builder died) does not get in the way.
     left = store.folders["outgoing"] / f"{STAGING_PREFIX}task-1"
     left.mkdir()
     (left / "junk.dcm").write_bytes(b"junk")
     ref = store.create("outgoing", make_task(), series_files(tmp_path))
     assert "junk.dcm" not in os.listdir(ref.path)
-    assert not left.exists()
+    assert len(instance_files(ref.path)) == 3
     # clean_staging removes unclaimed leftovers.
     store.clean_staging()
     assert not staging.exists()
-    assert [r.id for r in store.list()] == ["task-1"]
+    assert not left.exists()
+    assert sorted(os.listdir(store.folders["outgoing"])) == ["task-1"]
 
 
 def test_clean_staging_keeps_a_folder_being_built(tmp_path: Path, store: JobStore) -> None:
@@ -428,3 +429,62 @@ def test_safe_component_keeps_uids_and_limits_length() -> None:
 )
 def test_is_valid_uid(uid: str, valid: bool) -> None:
     assert is_valid_uid(uid) is valid
+
+
+def test_two_builders_of_one_job_never_publish_a_partial_job(
+    tmp_path: Path, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two routers (early dispatch runs without a claim) may build the same job at once.
+
+    Builder A is about to write the task file when builder B starts building; A then
+    finishes. Whatever the interleaving, the job that becomes visible holds every instance
+    and its task file.
+    """
+    from mercure.jobs import store as store_module
+
+    files = series_files(tmp_path, 4)
+    real_write_task = store_module.write_task
+    real_link = store_module.link_or_copy
+    a_ready, b_building, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def write_task(folder: Path, task: Task, *, fsync: bool = True) -> None:
+        if threading.current_thread().name == "A":
+            a_ready.set()
+            b_building.wait(10)
+        real_write_task(folder, task, fsync=fsync)
+
+    def link_or_copy(src: Path, dst: Path) -> None:
+        if threading.current_thread().name == "B" and not b_building.is_set():
+            b_building.set()
+            a_done.wait(10)
+        real_link(src, dst)
+
+    monkeypatch.setattr(store_module, "write_task", write_task)
+    monkeypatch.setattr(store_module, "link_or_copy", link_or_copy)
+    outcome: dict[str, object] = {}
+
+    def build() -> None:
+        name = threading.current_thread().name
+        if name == "B":
+            a_ready.wait(10)
+        try:
+            outcome[name] = store.create("outgoing", make_task(), files)
+        except Exception as exc:
+            outcome[name] = exc
+        finally:
+            if name == "A":
+                a_done.set()
+            b_building.set()
+
+    threads = [threading.Thread(target=build, name=n) for n in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(outcome) == {"A", "B"}
+    refs = store.list()
+    assert [r.id for r in refs] == ["task-1"]
+    assert sorted(p.name for p in instance_files(refs[0].path)) == [f.name for f in files]
+    assert read_task(refs[0].path).id == "task-1"
+    store.clean_staging()
+    assert sorted(os.listdir(store.folders["outgoing"])) == ["task-1"]
