@@ -104,11 +104,7 @@ class JobStore:
         existing = self.find_exact(task.id)
         if existing is not None:
             return existing
-        # A staging folder of its own: two processes building the same job at once (routers
-        # streaming one arriving series) never write into each other's folder, and the rename
-        # below lets exactly one of them publish the job.
-        staging = self.folders[state] / f"{STAGING_PREFIX}{task.id}.{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
+        staging = self._new_staging(state, task.id)
         building = try_claim(staging)  # keeps clean_staging() of other processes away
         if building is None:
             raise OSError(f"staging folder {staging} was taken away while it was being built")
@@ -140,6 +136,28 @@ class JobStore:
             if self.fsync:
                 fsync_dir(self.folders[state])
         return JobRef(task.id, state, final)
+
+    def _new_staging(self, state: State, task_id: str) -> Path:
+        """A staging folder of this builder's own.
+
+        Two processes building the same job at once (routers streaming one arriving series)
+        never write into each other's folder, and the rename in :meth:`create` lets exactly
+        one of them publish the job. The leftover of a builder that died is reused.
+        """
+        base = self.folders[state] / f"{STAGING_PREFIX}{task_id}"
+        with contextlib.suppress(FileExistsError):
+            base.mkdir()
+            return base
+        leftover = try_claim(base)
+        if leftover is not None:  # its builder died: start again in it
+            with leftover:
+                remove_tree(base)
+            with contextlib.suppress(FileExistsError):
+                base.mkdir()
+                return base
+        unique = base.with_name(f"{base.name}.{uuid.uuid4().hex[:12]}")
+        unique.mkdir()
+        return unique
 
     def find_exact(self, task_id: str) -> JobRef | None:
         for state in STATES:
