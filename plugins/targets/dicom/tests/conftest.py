@@ -314,6 +314,8 @@ class DispatchEnv:
         self.dispatcher: Dispatcher | None = None
 
     def start(self, targets: dict[str, Any], **overrides: Any) -> DispatchEnv:
+        """(Re)build the runtime with these targets; jobs already in the spool stay."""
+        self.close()
         overrides.setdefault("retry_delay", 0)
         overrides.setdefault("retry_max", 5)
         name = next(iter(targets))
@@ -363,6 +365,7 @@ class DispatchEnv:
     def close(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.close()
+            self.dispatcher = None
 
 
 @pytest.fixture

@@ -302,6 +302,23 @@ def test_tcp_nodelay_is_set_on_the_association_socket(recording_scp) -> None:
         assoc.release()
 
 
+def test_reactor_cannot_take_responses(recording_scp) -> None:
+    # pynetdicom's reactor polls the DIMSE queue without blocking; on our associations those
+    # polls must never take a message a send_c_store is waiting for.
+    scp = recording_scp()
+    peer = Peer("127.0.0.1", scp.port, "RECORDER", "MERCURE", timeout=10)
+    ae = _make_ae(peer)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, peer, _Watch())
+    try:
+        marker = (1, object())
+        assoc.dimse.msg_queue.put(marker)  # type: ignore[arg-type]
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+        assert assoc.dimse.get_msg(block=True) == marker
+    finally:
+        assoc.release()
+
+
 def test_c_echo_over_pynetdicom(recording_scp) -> None:
     scp = recording_scp()
     line = target_for(scp.port).test_connection()
