@@ -217,6 +217,7 @@ class Orthanc:
     http_port: int
     dicom_port: int
     aet: str = "ORTHANC"
+    extra: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -234,6 +235,7 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "HttpServerEnabled": True,
             "Plugins": [],
+            **self.extra,
         }
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
@@ -292,6 +294,25 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     if not ORTHANC.exists():
         pytest.skip("Orthanc is not installed (apt-get install orthanc)")
     server = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc_tls(tmp_path: Path, certs: Certs) -> Iterator[Orthanc]:
+    """Orthanc whose DICOM port speaks TLS only and requires a client certificate."""
+    if not ORTHANC.exists():
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    tls = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(certs.srv_crt),
+        "DicomTlsPrivateKey": str(certs.srv_key),
+        "DicomTlsTrustedCertificates": str(certs.ca),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    server = Orthanc(tmp_path / "orthanc-tls", free_port(), free_port(), extra=tls).start()
     try:
         yield server
     finally:
