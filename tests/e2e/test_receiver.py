@@ -239,12 +239,14 @@ def test_bad_instance_is_refused_and_the_receiver_keeps_serving(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with association(router.port) as assoc:
-            bad_status = status_of(assoc.send_c_store(bad.path))
+            bad_response = assoc.send_c_store(bad.path)
+            bad_status = status_of(bad_response)
             same_assoc_status = status_of(assoc.send_c_store(good[0]))
         with association(router.port) as assoc:
             new_assoc_status = status_of(assoc.send_c_store(good[1]))
 
     assert bad_status == CANNOT_UNDERSTAND, f"bad instance answered 0x{bad_status:04X}"
+    assert str(bad_response.get("ErrorComment", "")).strip(), "the refusal carries no comment"
     assert same_assoc_status == SUCCESS, "a good instance after a bad one was not stored"
     assert new_assoc_status == SUCCESS, "a good instance on a new association was not stored"
 
@@ -371,7 +373,9 @@ def tiny_tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
     try:
         yield folder
     finally:
-        subprocess.run(["/usr/bin/umount", str(folder)], check=True, timeout=60)
+        unmounted = subprocess.run(["/usr/bin/umount", str(folder)], check=False, timeout=60)
+        if unmounted.returncode != 0:  # still busy: detach it rather than leave it mounted
+            subprocess.run(["/usr/bin/umount", "-l", str(folder)], check=True, timeout=60)
 
 
 def fill(folder: Path) -> Path:
@@ -400,29 +404,31 @@ def test_full_disk_answers_out_of_resources_until_space_returns(
     incoming = root / "spool" / "incoming"
     with tiny_tmpfs(incoming):
         router = start_router(root, mercure_processes)
-        first, second = make_series(tmp_path / "series", 2, rows=128, columns=128)
-        filler = fill(incoming)
+        try:
+            first, second = make_series(tmp_path / "series", 2, rows=128, columns=128)
+            filler = fill(incoming)
 
-        with association(router.port) as assoc:
-            assert status_of(assoc.send_c_store(first)) == OUT_OF_RESOURCES
-            # Still full: the next one is refused the same way, and nothing half-written stays.
-            assert status_of(assoc.send_c_store(second)) == OUT_OF_RESOURCES
-        assert_nothing_left_in_incoming(router)
-        errors = [
-            e for e in router.proc.events() if str(e.get("event", "")).startswith("cannot store")
-        ]
-        assert len(errors) == 2, router.proc.output()
-        assert errors[0]["level"] == "error"
-        assert "space" in errors[0]["error"].lower(), errors[0]
+            with association(router.port) as assoc:
+                assert status_of(assoc.send_c_store(first)) == OUT_OF_RESOURCES
+                # Still full: the next one is refused the same way, and nothing half-written stays.
+                assert status_of(assoc.send_c_store(second)) == OUT_OF_RESOURCES
+            assert_nothing_left_in_incoming(router)
+            events = router.proc.events()
+            errors = [e for e in events if str(e.get("event", "")).startswith("cannot store")]
+            assert len(errors) == 2, router.proc.output()
+            assert errors[0]["level"] == "error"
+            assert "space" in errors[0]["error"].lower(), errors[0]
 
-        filler.unlink()  # space returns
-        with association(router.port) as assoc:
-            assert status_of(assoc.send_c_store(first)) == SUCCESS
-        with association(router.port) as assoc:
-            assert status_of(assoc.send_c_store(second)) == SUCCESS
+            filler.unlink()  # space returns
+            with association(router.port) as assoc:
+                assert status_of(assoc.send_c_store(first)) == SUCCESS
+            with association(router.port) as assoc:
+                assert status_of(assoc.send_c_store(second)) == SUCCESS
 
-        found = wait_delivered(router, {first.name, second.name})
-        for path in (first, second):
-            (task_id,) = found[path.name]
-            assert dataset_bytes(router.target / task_id / path.name) == dataset_bytes(path)
-        assert router.proc.terminate() == 0
+            found = wait_delivered(router, {first.name, second.name})
+            for path in (first, second):
+                (task_id,) = found[path.name]
+                assert dataset_bytes(router.target / task_id / path.name) == dataset_bytes(path)
+            assert router.proc.terminate() == 0
+        finally:
+            router.proc.kill()  # before the unmount; a no-op once it stopped
