@@ -84,7 +84,8 @@ def test_dead_target_retries_then_error_then_manual_retry_delivers(
             task = read_task(job)
             if task is not None:
                 retries = int(task["dispatch"]["retries"] or 0)
-                if retries and retries not in seen:
+                # (The last try's task file is written with its error just before the move.)
+                if retries and retries not in seen and task["error"] is None:
                     seen[retries] = task["dispatch"]
         failed = only_job(error)
         return failed.name if failed is not None else None
