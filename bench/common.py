@@ -86,11 +86,13 @@ class StoreSCP:
 
     def count(self) -> int:
         with os.scandir(self.folder) as entries:
-            return sum(1 for e in entries if e.name.endswith(".dcm"))
+            return sum(1 for e in entries if not e.name.startswith("."))
 
     def last_mtime(self) -> float:
         with os.scandir(self.folder) as entries:
-            return max((e.stat().st_mtime for e in entries if e.name.endswith(".dcm")), default=0)
+            return max(
+                (e.stat().st_mtime for e in entries if not e.name.startswith(".")), default=0
+            )
 
     def wait_for(self, count: int, timeout: float) -> float:
         """Wait until ``count`` instances arrived; return the time the last one was written."""
@@ -172,7 +174,8 @@ def workdir(name: str) -> Iterator[Path]:
     try:
         yield base
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("MERCURE_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def settle_disk() -> None:

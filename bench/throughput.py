@@ -6,8 +6,10 @@ routes everything to a ``dicom`` target; ``series_complete_trigger`` is 1 s.
 
 Figures (ratio = direct time / router time, so 1.0 is as fast as DCMTK alone):
 
-* ``ratio_1assoc``: one association of N instances, router time less the quiet time (the
-  issue's definition); ``ratio_1assoc_raw`` without subtracting it.
+* ``ratio_1assoc``: one association of N instances, the router's whole time (with early
+  dispatch the last instance reaches the target before the series is even complete, so the
+  quiet time is not subtracted); ``ratio_1assoc_less_quiet`` subtracts it, reported only when
+  the router took longer than twice the quiet time (without early dispatch).
 * ``ratio_4assoc``: four associations of N/4 instances in parallel into the router, against the
   same one-association direct reference; ``direct_4assoc_s`` is DCMTK with four parallel
   senders into one storescp, for information.
@@ -101,10 +103,13 @@ def main() -> None:
             "router_1assoc_s": round(r1, 3),
             "router_4assoc_s": round(r4, 3),
             "quiet_s": QUIET,
-            "ratio_1assoc": round(ref / max(r1 - QUIET, 1e-3), 3),
-            "ratio_1assoc_raw": round(ref / r1, 3),
-            "ratio_4assoc": round(ref / max(r4 - QUIET, 1e-3), 3),
-            "ratio_4assoc_raw": round(ref / r4, 3),
+            # Headline: the whole time, quiet time included (stricter than subtracting it).
+            "ratio_1assoc": round(ref / r1, 3),
+            "ratio_4assoc": round(ref / r4, 3),
+            # The definition subtracts the quiet time; meaningful only when the last
+            # instance arrived after it (without early dispatch).
+            "ratio_1assoc_less_quiet": round(ref / (r1 - QUIET), 3) if r1 > 2 * QUIET else None,
+            "ratio_4assoc_less_quiet": round(ref / (r4 - QUIET), 3) if r4 > 2 * QUIET else None,
             "runs": {"direct": direct, "direct4": direct4, "router": routed, "router4": routed4},
         },
     )

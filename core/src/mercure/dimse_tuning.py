@@ -36,7 +36,13 @@ def _wait_on(q: Any, timeout: float) -> None:
 def _association_sleep(seconds: float) -> None:
     thread = threading.current_thread()
     msg_queue = getattr(getattr(thread, "dimse", None), "msg_queue", None)
-    if seconds <= 0.001 and isinstance(msg_queue, queue.Queue):
+    # Only an acceptor's reactor: a requestor's reactor shares its message queue with the thread
+    # that sends and waits for responses, and waking it on every message would let it take them.
+    if (
+        seconds <= 0.001
+        and getattr(thread, "is_acceptor", False)
+        and isinstance(msg_queue, queue.Queue)
+    ):
         _wait_on(msg_queue, ASSOCIATION_WAIT)
     else:
         _real_sleep(seconds)
