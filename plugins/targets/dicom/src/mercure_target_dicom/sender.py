@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from mercure.targets import TargetError
+from mercure.targets import MoreFiles, TargetError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -362,69 +362,49 @@ def _connect_failure(peer: Peer) -> str:
     )
 
 
-class Sender:
-    """Sends instances to one peer; a new object (and AE) per job, so jobs run in parallel."""
+class _Session:
+    """One established association: what it negotiated, and sending over it."""
 
-    def __init__(self, peer: Peer, *, task_id: str = "") -> None:
+    def __init__(self, peer: Peer, instances: list[Instance]) -> None:
         self.peer = peer
-        self.task_id = task_id
-
-    def send(self, files: list[Path]) -> SendOutcome:
-        outcome = SendOutcome()
-        instances: list[Instance] = []
-        for path in files:
-            try:
-                instances.append(read_instance(path))
-            except ValueError as exc:
-                outcome.failed[path.name] = str(exc)
-        groups = group_for_associations(instances)
-        for index, group in enumerate(groups):
-            try:
-                self._send_group(group, outcome)
-            except TargetError as exc:
-                if index == 0 and not outcome.delivered and not outcome.failed:
-                    raise  # nothing happened: the whole job failed for one reason
-                for inst in (i for g in groups[index:] for i in g):
-                    if inst.path.name not in outcome.delivered:
-                        outcome.failed.setdefault(inst.path.name, str(exc))
-                outcome.error = str(exc)
-                break
-        return outcome
-
-    def _send_group(self, instances: list[Instance], outcome: SendOutcome) -> None:
-        peer = self.peer
+        self.contexts = plan_contexts(instances)
         ae = _make_ae(peer)
-        for sop_class, syntaxes in plan_contexts(instances):
+        for sop_class, syntaxes in self.contexts:
             ae.add_requested_context(sop_class, syntaxes)
-        watch = _Watch()
-        assoc = _associate(ae, peer, watch)
-        if not assoc.is_established:
-            raise TargetError(association_failure(peer, assoc, watch, "C-STORE"))
-        try:
-            self._store_all(assoc, instances, outcome, watch)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
-    def _store_all(
-        self, assoc: Association, instances: list[Instance], outcome: SendOutcome, watch: _Watch
-    ) -> None:
-        peer = self.peer
-        accepted: dict[UID, list[UID]] = {}
-        for cx in assoc.accepted_contexts:
+        self.watch = _Watch()
+        self.assoc = _associate(ae, peer, self.watch)
+        if not self.assoc.is_established:
+            raise TargetError(association_failure(peer, self.assoc, self.watch, "C-STORE"))
+        self.accepted: dict[UID, list[UID]] = {}
+        for cx in self.assoc.accepted_contexts:
             abstract = UID(cx.abstract_syntax or "")
-            accepted.setdefault(abstract, []).append(UID(cx.transfer_syntax[0]))
+            self.accepted.setdefault(abstract, []).append(UID(cx.transfer_syntax[0]))
+        self.proposed = {(sop, ts) for sop, syntaxes in self.contexts for ts in syntaxes}
+        self.message_id = 0
+
+    def covers(self, inst: Instance) -> bool:
+        """Whether this association was negotiated for the instance's class and syntax."""
+        if (inst.sop_class, inst.transfer_syntax) in self.proposed:
+            return True
+        return inst.transfer_syntax in CONVERTIBLE and any(
+            (inst.sop_class, ts) in self.proposed for ts in FALLBACK_SYNTAXES
+        )
+
+    def store(self, instances: list[Instance], outcome: SendOutcome) -> bool:
+        """C-STORE each instance; False once the association has ended (the rest failed)."""
+        peer, assoc = self.peer, self.assoc
         for position, inst in enumerate(instances):
             name = inst.path.name
-            payload, problem = self._payload(inst, accepted.get(inst.sop_class, []))
+            payload, problem = _payload(peer, inst, self.accepted.get(inst.sop_class, []))
             if payload is None:
                 outcome.failed[name] = problem
                 continue
             started = time.monotonic()
             status: Dataset | None = None
             if assoc.is_established:
+                self.message_id = self.message_id % 65535 + 1
                 try:
-                    status = assoc.send_c_store(payload, msg_id=(position % 65535) + 1)
+                    status = assoc.send_c_store(payload, msg_id=self.message_id)
                 except (OSError, ValueError, AttributeError) as exc:
                     outcome.failed[name] = f"cannot send {name}: {exc}"
                     continue
@@ -433,7 +413,7 @@ class Sender:
             if status is None or "Status" not in status:
                 # No answer: the association is gone (the peer aborted, the connection broke,
                 # or pynetdicom aborted after the DIMSE timeout). Stop here; the rest is retried.
-                why = _ended_reason(assoc, watch, peer, started)
+                why = _ended_reason(assoc, self.watch, peer, started)
                 outcome.error = (
                     f"association to {peer.label} ended after {len(outcome.delivered)} "
                     f"delivered instance(s): {why}; undelivered instances will be retried"
@@ -441,7 +421,7 @@ class Sender:
                 outcome.failed[name] = f"no response for SOP Instance {inst.sop_instance}: {why}"
                 for rest in instances[position + 1 :]:
                     outcome.failed.setdefault(rest.path.name, f"not sent: {why}")
-                return
+                return False
             code = int(status.Status)
             if is_delivered(code):
                 outcome.delivered.append(name)
@@ -451,30 +431,130 @@ class Sender:
                     f"{describe_status(code)} for SOP Instance {inst.sop_instance}"
                     + (f": {comment}" if comment else "")
                 )
+        return True
 
-    def _payload(self, inst: Instance, accepted: list[UID]) -> tuple[Path | Dataset | None, str]:
-        """The file itself (sent as stored) or a decoded dataset to convert, or why neither."""
-        if inst.transfer_syntax in accepted:
-            return inst.path, ""
-        if not accepted:
-            return None, (
-                f"the peer {self.peer.label} did not accept {inst.sop_class.name} "
-                f"({inst.sop_class}); configure it to accept this SOP class"
-            )
-        convertible = [ts for ts in accepted if ts in CONVERTIBLE]
-        if inst.transfer_syntax not in CONVERTIBLE or not convertible:
-            kind = "compressed" if inst.transfer_syntax.is_compressed else "stored"
-            return None, (
-                f"the peer {self.peer.label} accepts {inst.sop_class.name} only as "
-                f"{', '.join(ts.name for ts in accepted)}, not as {inst.transfer_syntax.name} "
-                f"in which {inst.path.name} is {kind}; it is not converted (lossy or not "
-                "losslessly convertible): configure the peer to accept that transfer syntax"
-            )
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+def _payload(peer: Peer, inst: Instance, accepted: list[UID]) -> tuple[Path | Dataset | None, str]:
+    """The file itself (sent as stored) or a decoded dataset to convert, or why neither."""
+    if inst.transfer_syntax in accepted:
+        return inst.path, ""
+    if not accepted:
+        return None, (
+            f"the peer {peer.label} did not accept {inst.sop_class.name} "
+            f"({inst.sop_class}); configure it to accept this SOP class"
+        )
+    convertible = [ts for ts in accepted if ts in CONVERTIBLE]
+    if inst.transfer_syntax not in CONVERTIBLE or not convertible:
+        kind = "compressed" if inst.transfer_syntax.is_compressed else "stored"
+        return None, (
+            f"the peer {peer.label} accepts {inst.sop_class.name} only as "
+            f"{', '.join(ts.name for ts in accepted)}, not as {inst.transfer_syntax.name} "
+            f"in which {inst.path.name} is {kind}; it is not converted (lossy or not "
+            "losslessly convertible): configure the peer to accept that transfer syntax"
+        )
+    try:
+        ds = pydicom.dcmread(inst.path)
+    except Exception as exc:
+        return None, f"cannot read {inst.path.name} for conversion: {exc}"
+    return ds, ""
+
+
+class Sender:
+    """Sends instances to one peer; a new object (and AE) per job, so jobs run in parallel."""
+
+    def __init__(self, peer: Peer, *, task_id: str = "") -> None:
+        self.peer = peer
+        self.task_id = task_id
+
+    @staticmethod
+    def _read(files: list[Path], outcome: SendOutcome) -> list[Instance]:
+        instances: list[Instance] = []
+        for path in files:
+            try:
+                instances.append(read_instance(path))
+            except ValueError as exc:
+                outcome.failed[path.name] = str(exc)
+        return instances
+
+    def send(self, files: list[Path], outcome: SendOutcome | None = None) -> SendOutcome:
+        """Send ``files`` over one association (more only if they need over 128 contexts)."""
+        outcome = outcome if outcome is not None else SendOutcome()
+        started_empty = not outcome.delivered and not outcome.failed
+        groups = group_for_associations(self._read(files, outcome))
+        for index, group in enumerate(groups):
+            try:
+                session = _Session(self.peer, group)
+            except TargetError as exc:
+                if index == 0 and started_empty and not outcome.failed:
+                    raise  # nothing happened: the whole job failed for one reason
+                for inst in (i for g in groups[index:] for i in g):
+                    outcome.failed.setdefault(inst.path.name, str(exc))
+                outcome.error = str(exc)
+                break
+            try:
+                alive = session.store(group, outcome)
+            finally:
+                session.close()
+            if not alive:
+                for inst in (i for g in groups[index + 1 :] for i in g):
+                    outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
+                break
+        return outcome
+
+    def stream(self, files: list[Path], more: MoreFiles, idle_release: float) -> SendOutcome:
+        """Send ``files``, then the files ``more`` hands out as the series arrives.
+
+        One association carries them all while files keep coming; after ``idle_release`` seconds
+        without a new file it is released (the dispatcher hands the job back when more
+        arrive). Files whose SOP class or transfer syntax the open association was not
+        negotiated for are sent on a new association at the end.
+        """
+        outcome = SendOutcome()
+        batch = self._read(files, outcome)
+        session: _Session | None = None
+        deferred: list[Instance] = []
+        last_file = time.monotonic()
         try:
-            ds = pydicom.dcmread(inst.path)
-        except Exception as exc:
-            return None, f"cannot read {inst.path.name} for conversion: {exc}"
-        return ds, ""
+            while True:
+                if batch:
+                    if session is None:
+                        try:
+                            session = _Session(self.peer, batch)
+                        except TargetError as exc:
+                            if not outcome.delivered and not outcome.failed:
+                                raise
+                            for inst in batch:
+                                outcome.failed.setdefault(inst.path.name, str(exc))
+                            outcome.error = str(exc)
+                            return outcome
+                    now = [i for i in batch if session.covers(i)]
+                    deferred.extend(i for i in batch if not session.covers(i))
+                    if not session.store(now, outcome):
+                        for inst in deferred:
+                            outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
+                        return outcome
+                    last_file = time.monotonic()
+                idle_left = idle_release - (time.monotonic() - last_file)
+                if idle_left <= 0:
+                    break
+                wait = min(idle_left, 1.0)
+                asked_at = time.monotonic()
+                new = more(wait)
+                if new is None:
+                    break
+                if not new and time.monotonic() - asked_at < wait / 2:
+                    break  # ``more`` answers "nothing" at once only when the dispatcher stops
+                batch = self._read(new, outcome)
+        finally:
+            if session is not None:
+                session.close()
+        if deferred:
+            self.send([i.path for i in deferred], outcome)
+        return outcome
 
 
 def echo(peer: Peer) -> str:

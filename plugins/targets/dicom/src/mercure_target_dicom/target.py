@@ -21,8 +21,18 @@ from mercure_target_dicom.tls import client_context, probe_tls
 log = get_logger("mercure.target.dicom")
 
 
+#: Seconds an association waits for the next file of an arriving series before it is released.
+STREAM_IDLE_RELEASE = 5.0
+
+
 class DicomTarget(Target[DicomTargetConfig]):
-    """C-STORE to a DICOM node; one association per job, every response status checked."""
+    """C-STORE to a DICOM node; one association per job, every response status checked.
+
+    Streaming: while a series still arrives, the dispatcher hands the job over early and the
+    association stays open for the instances that follow (see :meth:`Sender.stream`).
+    """
+
+    streaming = True
 
     def peer(self, job: DeliveryJob | None = None) -> Peer:
         """The peer for ``job`` (return-to-sender and passed AE titles come from its tags)."""
@@ -48,7 +58,12 @@ class DicomTarget(Target[DicomTargetConfig]):
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
         peer = self.peer(job)
-        outcome = Sender(peer, task_id=job.task_id).send(list(job.files))
+        sender = Sender(peer, task_id=job.task_id)
+        if job.more is not None:
+            idle = min(STREAM_IDLE_RELEASE, self.config.timeout / 2)
+            outcome = sender.stream(list(job.files), job.more, idle)
+        else:
+            outcome = sender.send(list(job.files))
         log.info(
             "C-STORE finished",
             target=self.name,
