@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -149,6 +150,11 @@ def router(
     path = base / "mercure.json"
     path.write_text(json.dumps(config, indent=2))
     args = [str(MERCURE), "run", "--config", str(path)]
+    profile = os.environ.get("MERCURE_BENCH_PROFILE")
+    if profile:  # e.g. MERCURE_BENCH_PROFILE=/tmp/router.txt: py-spy raw stacks of the router
+        py_spy = Path(sys.executable).parent / "py-spy"
+        args = [str(py_spy), "record", "-o", profile, "-f", "raw", "-r", "200", "--threads",
+                "--subprocesses", "--", *args]
     if only:
         args += ["--only", only]
     with open(base / "router.log", "wb") as log:
@@ -160,12 +166,24 @@ def router(
                 wait_port(int(config["port"]), proc)
             yield proc
         finally:
-            proc.terminate()
+            stop_router(proc, profiled=bool(profile))
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def stop_router(proc: subprocess.Popen[bytes], profiled: bool) -> None:
+    """SIGTERM the router; under py-spy, the router itself, so py-spy writes its profile."""
+    if profiled:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        for pid in pids:
+            os.kill(int(pid), signal.SIGTERM)
+        if pids:
+            return
+    proc.terminate()
 
 
 @contextmanager

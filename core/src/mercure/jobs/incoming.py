@@ -216,6 +216,12 @@ def instance_files(folder: Path) -> list[Path]:
         )
 
 
+def instance_names(folder: Path) -> set[str]:
+    """The instance file names in a folder; cheaper than :func:`instance_files` for polling."""
+    with os.scandir(folder) as entries:
+        return {e.name for e in entries if e.name.endswith(DCM_SUFFIX) and e.name[0] != "."}
+
+
 def read_plan(series_dir: Path) -> list[dict[str, object]] | None:
     """The routing plan stored with a series, or None if none was made yet."""
     try:
@@ -225,9 +231,9 @@ def read_plan(series_dir: Path) -> list[dict[str, object]] | None:
     return data if isinstance(data, list) else None
 
 
-def write_plan_once(series_dir: Path, plan: list[dict[str, object]], *, fsync: bool = True) -> (
-    list[dict[str, object]] | None
-):
+def write_plan_once(
+    series_dir: Path, plan: list[dict[str, object]], *, fsync: bool = True
+) -> list[dict[str, object]] | None:
     """Store ``plan`` unless the series has one already; return the plan that holds.
 
     Creating the file with ``link`` is atomic and fails if it exists, so two routers that plan

@@ -20,7 +20,7 @@ from pathlib import Path
 from mercure.config import Config
 from mercure.events import TaskEvent, TaskEventType
 from mercure.jobs.claims import Claim
-from mercure.jobs.incoming import instance_files
+from mercure.jobs.incoming import instance_files, instance_names
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
 from mercure.metrics import Metric
@@ -30,7 +30,7 @@ from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles
 
 MAX_ATTEMPTS_KEPT = 20
 OPEN_JOB_RECHECK = 0.05
-MORE_FILES_POLL = 0.01
+MORE_FILES_POLL = 0.02
 
 
 def retry_delay(config: Config, retries: int, rng: random.Random | None = None) -> float:
@@ -333,12 +333,11 @@ class Dispatcher(Service):
             deadline = time.monotonic() + timeout
             while True:
                 closed = not store.is_open(ref)  # before listing, so no late file is missed
-                new = [f for f in instance_files(ref.path) if f.name not in seen]
-                if new:
-                    names = {f.name for f in new}
+                names = instance_names(ref.path) - seen
+                if names:
                     seen.update(names)
                     handed.update(names)
-                    return new
+                    return [ref.path / name for name in sorted(names)]
                 if closed:
                     return None
                 if time.monotonic() >= deadline or self.stop_event.is_set():

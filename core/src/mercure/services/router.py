@@ -28,7 +28,13 @@ from mercure.config import Config, Rule
 from mercure.events import TaskEvent, TaskEventType
 from mercure.fsutil import remove_tree
 from mercure.jobs.claims import try_claim
-from mercure.jobs.incoming import instance_files, read_plan, read_series_tags, write_plan_once
+from mercure.jobs.incoming import (
+    instance_files,
+    instance_names,
+    read_plan,
+    read_series_tags,
+    write_plan_once,
+)
 from mercure.jobs.store import State
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, TaskProcessing
 from mercure.rules import RuleResult, compile_rule
@@ -255,12 +261,11 @@ class Router(Service):
 
     def _stream(self, folder: Path) -> int:
         """Open the streaming jobs of an arriving series and link its new instances into them."""
-        files = instance_files(folder)
         linked = self._linked.setdefault(folder.name, set())
-        new = [f for f in files if f.name not in linked]
+        new = [folder / name for name in sorted(instance_names(folder) - linked)]
         if not new:
             return 0
-        plan = self._plan(folder, files)
+        plan = self._plan(folder, new)
         if plan is None:
             return 0
         store = self.runtime.store
