@@ -132,8 +132,12 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
             hint = f"the client sent no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
         else:
             hint = "check the client's TLS settings"
-        log.warning("DICOM TLS handshake failed; connection closed", address=address,
-                    reason=reason, hint=hint)
+        log.warning(
+            "DICOM TLS handshake failed; connection closed",
+            address=address,
+            reason=reason,
+            hint=hint,
+        )
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         return
@@ -221,9 +225,12 @@ class DicomReceiver(Receiver):
             )
             assert tls_server is not None
             self.servers.append(tls_server)
-            log.info("DICOM TLS receiver listening", address=self.settings.bind_address,
-                     port=tls_server.server_address[1],
-                     client_cert="required" if tls.require_client_cert else "optional")
+            log.info(
+                "DICOM TLS receiver listening",
+                address=self.settings.bind_address,
+                port=tls_server.server_address[1],
+                client_cert="required" if tls.require_client_cert else "optional",
+            )
 
     @property
     def port(self) -> int:
