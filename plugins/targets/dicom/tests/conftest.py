@@ -138,7 +138,8 @@ class RecordingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = self.require_called_aet
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, self.syntaxes)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, self.syntaxes)
         ae.add_supported_context(Verification)
         self.server = ae.start_server(
             ("127.0.0.1", 0),

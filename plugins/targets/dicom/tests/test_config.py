@@ -72,7 +72,7 @@ def test_mercure_dicom_target_entries_load_unchanged() -> None:
 
 
 def test_port_as_int_and_empty_port() -> None:
-    assert DicomTargetConfig(ip="h", port=11112, aet_target="A").port == "11112"  # type: ignore[arg-type]
+    assert DicomTargetConfig(ip="h", port=11112, aet_target="A").port == "11112"
     assert DicomTargetConfig(ip="h", port="", aet_target="A").port_number == 104
 
 

@@ -7,6 +7,7 @@ each association proposed and delivered.
 from __future__ import annotations
 
 import socket
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -58,7 +59,7 @@ def target_for(port: int, **extra: object) -> DicomTarget:
         "timeout": 10,
     }
     fields.update(extra)
-    return DicomTarget("pacs", DicomTargetConfig(**fields))  # type: ignore[arg-type]
+    return DicomTarget("pacs", DicomTargetConfig(**fields))
 
 
 def jpeg_file(folder: Path) -> Path:
@@ -142,9 +143,8 @@ def test_lossless_fallback_when_the_peer_refuses_the_stored_syntax(
     assert sorted(result.delivered) == sorted(f.name for f in files)
     for path in files:
         original = pydicom.dcmread(path)
-        got = pydicom.dataset.Dataset()
         got = pydicom.filereader.read_dataset(
-            pydicom.filebase.DicomBytesIO(scp.datasets[str(original.SOPInstanceUID)]),
+            BytesIO(scp.datasets[str(original.SOPInstanceUID)]),
             is_implicit_VR=True,
             is_little_endian=True,
         )
@@ -296,7 +296,7 @@ def test_tcp_nodelay_is_set_on_the_association_socket(recording_scp) -> None:
     assoc = _associate(ae, peer, _Watch())
     try:
         assert assoc.is_established
-        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock = assoc.dul.socket.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
@@ -312,7 +312,7 @@ def test_reactor_cannot_take_responses(recording_scp) -> None:
     assoc = _associate(ae, peer, _Watch())
     try:
         marker = (1, object())
-        assoc.dimse.msg_queue.put(marker)  # type: ignore[arg-type]
+        assoc.dimse.msg_queue.put(marker)
         assert assoc.dimse.get_msg(block=False) == (None, None)
         assert assoc.dimse.get_msg(block=True) == marker
     finally:
