@@ -318,6 +318,20 @@ def test_field_errors_have_json_paths_and_are_all_reported(registry: Registry) -
     assert "'route'" in errors["rules.r.action"] and "'discard'" in errors["rules.r.action"]
 
 
+def test_union_fields_report_one_error_at_their_json_path(registry: Registry) -> None:
+    errors = errors_of(
+        {
+            "targets": {"t": {"target_type": "dummy"}},
+            "rules": {"r": {"rule": "True", "target": 5, "processing_settings": "x"}},
+        },
+        registry,
+    )
+    # Not "rules.r.target.str" and "rules.r.target.list[str]": those are not JSON paths.
+    assert set(errors) == {"rules.r.target", "rules.r.processing_settings"}
+    assert "valid string" in errors["rules.r.target"]
+    assert "valid list" in errors["rules.r.target"]
+
+
 def test_config_error_message_lists_every_error(registry: Registry) -> None:
     with pytest.raises(ConfigError) as info:
         validate_config(

@@ -255,6 +255,29 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(root)"
 
 
+_MISSING = object()
+
+
+def _json_loc(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
+    """``loc`` without the union-member tags pydantic inserts (``str``, ``list[str]``, ...).
+
+    Walks the input alongside: a loc item is a key of a dict or an index of a list in the
+    data; anything else (below a scalar value) names a union member, not a JSON path step.
+    """
+    path: list[int | str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(node, dict):
+            path.append(item)
+            node = node.get(item, _MISSING) if isinstance(item, str) else _MISSING
+        elif isinstance(node, list) and isinstance(item, int):
+            path.append(item)
+            node = node[item] if 0 <= item < len(node) else _MISSING
+        elif node is _MISSING:
+            path.append(item)
+    return tuple(path)
+
+
 def _config_model(registry: Registry) -> type[Config]:
     """A Config subclass whose ``targets`` is the tagged union of the registered target models."""
     models = registry.config_models("target")
@@ -307,12 +330,18 @@ def validate_config(
     try:
         config = model.model_validate(raw)
     except ValidationError as exc:
+        by_path: dict[str, list[str]] = {}
         for err in exc.errors():
             loc = tuple(err["loc"])
             # Drop the union tag pydantic inserts after the target name.
             if len(loc) >= 3 and loc[0] == "targets" and loc[2] in known_types:
                 loc = loc[:2] + loc[3:]
-            errors.append((_loc_to_path(loc), err["msg"]))
+            messages = by_path.setdefault(_loc_to_path(_json_loc(loc, raw)), [])
+            if err["msg"] not in messages:
+                messages.append(err["msg"])
+        # A value that matches no member of a union (``target: str | list[str]``) gets one
+        # error per member; report it once, at its JSON path.
+        errors.extend((path, " or ".join(msgs)) for path, msgs in by_path.items())
 
     if config is not None:
         errors.extend(_check_references(config, registry))
