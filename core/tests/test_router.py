@@ -316,7 +316,7 @@ def test_every_action_end_to_end(
     assert Router(rt).run_once() == 1
     found = jobs(rt)
     assert spool_is_empty(rt)
-    outgoing = {t.dispatch_state.target_name: (r, t) for r, t in found["outgoing"]}  # type: ignore[union-attr]
+    outgoing = {t.target_names[0]: (r, t) for r, t in found["outgoing"]}
     assert set(outgoing) == {"a", "b"}
     assert outgoing["b"][1].info.triggered_rules == {"route_ab": True, "route_b": True}
     assert sorted(t.info.action for _, t in found["processing"]) == ["both", "process"]
