@@ -117,10 +117,11 @@ def server_tls_context(tls: ReceiverTLSConfig) -> ssl.SSLContext:
 
 def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
     """Complete a deferred server handshake; on failure log why and close the connection."""
+    previous = sock.gettimeout()
     try:
         sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
         sock.do_handshake()
-        sock.settimeout(None)
+        sock.settimeout(previous)
     except (OSError, ValueError) as exc:
         reason = str((exc.reason or exc) if isinstance(exc, ssl.SSLError) else exc)
         upper = reason.upper()
