@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mercure.config import ConfigError, ReceiverTLSConfig, validate_config
@@ -150,3 +152,48 @@ def test_missing_tls_files_are_named(tmp_path: Path) -> None:
     only_cert = cfg.model_copy(update={"tls_key": ""})
     with pytest.raises(TargetError, match="set both tls_key and tls_cert"):
         DicomTLSTarget("secure", only_cert).test_connection()
+
+
+def _tls_config(**fields: str) -> DicomTLSTargetConfig:
+    return DicomTLSTargetConfig(ip="127.0.0.1", port="2762", aet_target="A", **fields)
+
+
+def test_tls_file_problems_are_explained(
+    tmp_path: Path, certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from mercure.targets import TargetError
+    from mercure_target_dicom.tls import client_context
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(TargetError, match=r"ca_cert .*garbage\.pem cannot be used"):
+        client_context("secure", _tls_config(ca_cert=str(garbage)))
+
+    with pytest.raises(TargetError, match="tls_key is not the key of tls_cert"):
+        client_context(
+            "secure",
+            _tls_config(
+                tls_key=str(certs.other_cli_key), tls_cert=str(certs.cli_crt), ca_cert=str(certs.ca)
+            ),
+        )
+
+    key = serialization.load_pem_private_key(certs.cli_key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    locked = _tls_config(tls_key=str(encrypted), tls_cert=str(certs.cli_crt), ca_cert=str(certs.ca))
+    with pytest.raises(TargetError, match="tls_key is encrypted: set tls_key_password"):
+        client_context("secure", locked)
+    # The password may be given as a reference to an environment variable.
+    monkeypatch.setenv("MERCURE_TEST_KEY_PASSWORD", "s3cret")
+    unlocked = DicomTLSTargetConfig.model_validate(
+        {**locked.model_dump(), "tls_key_password": "${env:MERCURE_TEST_KEY_PASSWORD}"}
+    )
+    assert unlocked.tls_key_password == "s3cret"
+    assert client_context("secure", unlocked).verify_mode == ssl.CERT_REQUIRED

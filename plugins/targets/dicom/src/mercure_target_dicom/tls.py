@@ -26,6 +26,14 @@ def _check_file(target: str, field: str, path: str) -> None:
         )
 
 
+def _is_encrypted(key_file: str) -> bool:
+    try:
+        head = Path(key_file).read_bytes()[:4096]
+    except OSError:
+        return False
+    return b"ENCRYPTED" in head
+
+
 def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
     """An SSL context that verifies the peer against ``ca_cert`` and presents our certificate."""
     if bool(config.tls_key) != bool(config.tls_cert):
@@ -42,10 +50,11 @@ def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
             _check_file(target, field, path)
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.ca_cert or None)
-    except ssl.SSLError as exc:
+    except OSError as exc:  # ssl.SSLError included
         raise TargetError(
-            f"target '{target}': ca_cert {config.ca_cert} is not a PEM certificate file "
-            f"({exc.reason or exc}); give the CA certificate(s) the peer's certificate is "
+            f"target '{target}': ca_cert {config.ca_cert} cannot be used as a PEM certificate file "
+            f"({getattr(exc, 'reason', None) or exc}); give the CA certificate(s) the peer's "
+            "certificate is "
             "signed with"
         ) from exc
     context.check_hostname = config.tls_check_hostname
@@ -54,12 +63,18 @@ def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
         try:
             # A password (empty when none is configured) keeps OpenSSL from prompting on stdin.
             context.load_cert_chain(config.tls_cert, config.tls_key, password=password)
-        except ssl.SSLError as exc:
-            reason = exc.reason or str(exc)
-            hint = {
-                "KEY_VALUES_MISMATCH": "tls_key is not the key of tls_cert",
-                "BAD_DECRYPT": "tls_key is encrypted: set tls_key_password",
-            }.get(str(exc.reason), "check that both are PEM files")
+        except OSError as exc:  # ssl.SSLError included
+            reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or str(exc)
+            if _is_encrypted(config.tls_key):
+                hint = (
+                    "tls_key_password does not decrypt tls_key"
+                    if config.tls_key_password
+                    else "tls_key is encrypted: set tls_key_password"
+                )
+            elif "KEY_VALUES_MISMATCH" in str(reason):
+                hint = "tls_key is not the key of tls_cert"
+            else:
+                hint = "check that both are PEM files"
             raise TargetError(
                 f"target '{target}': cannot load client certificate {config.tls_cert} with key "
                 f"{config.tls_key}: {reason}; {hint}"
