@@ -152,6 +152,26 @@ def test_lossless_fallback_when_the_peer_refuses_the_stored_syntax(
         assert got.PixelData == original.PixelData
 
 
+def test_deflated_is_sent_as_stored_or_inflated(tmp_path: Path, recording_scp) -> None:
+    files = make_series(tmp_path / "s", 2, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    as_stored = recording_scp()
+    assert len(target_for(as_stored.port).send(job_for(files)).delivered) == 2
+    for path in files:
+        assert as_stored.datasets[pydicom.dcmread(path).SOPInstanceUID] == dataset_bytes(path)
+
+    inflating = recording_scp(syntaxes=[ExplicitVRLittleEndian])
+    assert len(target_for(inflating.port).send(job_for(files)).delivered) == 2
+    for path in files:
+        original = pydicom.dcmread(path)
+        got = pydicom.filereader.read_dataset(
+            BytesIO(inflating.datasets[original.SOPInstanceUID]),
+            is_implicit_VR=False,
+            is_little_endian=True,
+        )
+        assert got == original
+    assert {ts for _, ts in inflating.contexts} == {ExplicitVRLittleEndian}
+
+
 def test_compressed_instances_are_never_decompressed(tmp_path: Path, recording_scp) -> None:
     scp = recording_scp(syntaxes=[ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     folder = tmp_path / "s"

@@ -6,7 +6,7 @@ from functools import partial
 
 from mercure.logs import get_logger
 from mercure.tags import RECEIVER_AET, SENDER_ADDRESS, SENDER_AET
-from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetError
+from mercure.targets import DeliveryJob, DeliveryResult, PermanentTargetError, Target
 
 from mercure_target_dicom.config import DicomTargetConfig, DicomTLSTargetConfig
 from mercure_target_dicom.sender import (
@@ -116,7 +116,7 @@ def _sender_address(target: str, job: DeliveryJob) -> str:
     if not address:
         address = str(getattr(job.task.info, "sender_address", "") or "").strip()
     if not address or address == "MISSING":
-        raise TargetError(
+        raise PermanentTargetError(
             f"target '{target}' sends back to the sender ('ip': 'sender'), but job "
             f"{job.task_id} does not record the address it came from (tag {SENDER_ADDRESS}); "
             "route it to a target with a fixed ip"

@@ -13,14 +13,14 @@ import socket
 import ssl
 from pathlib import Path
 
-from mercure.targets import TargetError
+from mercure.targets import PermanentTargetError
 
 from mercure_target_dicom.config import DicomTLSTargetConfig
 
 
 def _check_file(target: str, field: str, path: str) -> None:
     if not Path(path).is_file():
-        raise TargetError(
+        raise PermanentTargetError(
             f"target '{target}': {field} file {path} does not exist or is not a file; "
             f"check the path in the target's {field} setting"
         )
@@ -37,7 +37,7 @@ def _is_encrypted(key_file: str) -> bool:
 def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
     """An SSL context that verifies the peer against ``ca_cert`` and presents our certificate."""
     if bool(config.tls_key) != bool(config.tls_cert):
-        raise TargetError(
+        raise PermanentTargetError(
             f"target '{target}': set both tls_key and tls_cert (the client certificate), or "
             "neither (no client certificate)"
         )
@@ -51,7 +51,7 @@ def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.ca_cert or None)
     except OSError as exc:  # ssl.SSLError included
-        raise TargetError(
+        raise PermanentTargetError(
             f"target '{target}': ca_cert {config.ca_cert} cannot be used as a PEM certificate file "
             f"({getattr(exc, 'reason', None) or exc}); give the CA certificate(s) the peer's "
             "certificate is "
@@ -75,7 +75,7 @@ def client_context(target: str, config: DicomTLSTargetConfig) -> ssl.SSLContext:
                 hint = "tls_key is not the key of tls_cert"
             else:
                 hint = "check that both are PEM files"
-            raise TargetError(
+            raise PermanentTargetError(
                 f"target '{target}': cannot load client certificate {config.tls_cert} with key "
                 f"{config.tls_key}: {reason}; {hint}"
             ) from exc
