@@ -62,13 +62,17 @@ def main() -> None:
     require_dcmtk()
     n = args.count
     with workdir("throughput") as base:
-        one = make_ct_series(base / "one", n)
-        four = make_ct_series(base / "four", n // 4, series=4)
-        four_batches = [four[i * (n // 4) : (i + 1) * (n // 4)] for i in range(4)]
+        # A fresh series for every run: the router treats a resent instance of a series it is
+        # still collecting as the same instance, so reusing UIDs would send nothing new.
+        ones = [make_ct_series(base / f"one{i}", n) for i in range(args.repeat)]
+        fours = []
+        for i in range(args.repeat):
+            four = make_ct_series(base / f"four{i}", n // 4, series=4)
+            fours.append([four[j * (n // 4) : (j + 1) * (n // 4)] for j in range(4)])
         scp = StoreSCP(base / "scp")
         try:
-            direct = [send_and_wait(scp, [one], scp.port, n) for _ in range(args.repeat)]
-            direct4 = [send_and_wait(scp, four_batches, scp.port, n) for _ in range(args.repeat)]
+            direct = [send_and_wait(scp, [one], scp.port, n) for one in ones]
+            direct4 = [send_and_wait(scp, batches, scp.port, n) for batches in fours]
             port = free_port()
             config = spool_config(
                 base / "spool",
@@ -86,8 +90,8 @@ def main() -> None:
                 rules={"all": {"rule": "True", "target": "pacs", "action": "route"}},
             )
             with router(config, base):
-                routed = [send_and_wait(scp, [one], port, n) for _ in range(args.repeat)]
-                routed4 = [send_and_wait(scp, four_batches, port, n) for _ in range(args.repeat)]
+                routed = [send_and_wait(scp, [one], port, n) for one in ones]
+                routed4 = [send_and_wait(scp, batches, port, n) for batches in fours]
         finally:
             scp.stop()
     ref = statistics.median(direct)
