@@ -40,7 +40,10 @@ def main() -> None:
     require_dcmtk()
     figures: dict[str, object] = {"instances": args.count, "trigger_s": QUIET}
     with workdir("latency") as base:
-        files = make_ct_series(base / "series", args.count)
+        # A fresh series per run: a resent series the router still collects adds nothing new.
+        series = iter(
+            [make_ct_series(base / f"series{i}", args.count) for i in range(2 * args.repeat)]
+        )
         scp = StoreSCP(base / "scp")
         try:
             for early in (True, False):
@@ -65,7 +68,7 @@ def main() -> None:
                     for _ in range(args.repeat):
                         scp.clear()
                         settle_disk()
-                        sender = storescu(files, port)
+                        sender = storescu(next(series), port)
                         sender.communicate(timeout=300)
                         end = time.time()
                         last = scp.wait_for(args.count, timeout=60)
