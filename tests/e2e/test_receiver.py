@@ -166,7 +166,7 @@ def _truncated(folder: Path) -> BadInstance:
         ExplicitVRLittleEndian,
         body[:cut],
     )
-    return BadInstance(path, ds.SOPInstanceUID, "refused instance: truncated dataset")
+    return BadInstance(path, ds.SOPInstanceUID, "refused instance: malformed or truncated dataset")
 
 
 def _without_series_uid(folder: Path) -> BadInstance:

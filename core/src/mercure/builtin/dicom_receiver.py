@@ -291,12 +291,12 @@ class DicomReceiver(Receiver):
             check_dataset(stream, transfer_syntax)
         except TruncatedDatasetError as exc:
             log.warning(
-                "refused instance: truncated dataset",
+                "refused instance: malformed or truncated dataset",
                 sender=sender,
                 sop_uid=sop_uid,
                 reason=str(exc),
             )
-            return _status(STATUS_CANNOT_UNDERSTAND, f"truncated dataset: {exc}")
+            return _status(STATUS_CANNOT_UNDERSTAND, f"malformed or truncated dataset: {exc}")
         meta = _MetaBuffer()
         write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
         header = _PREAMBLE + meta.getvalue()

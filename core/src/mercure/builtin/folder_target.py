@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from mercure import hookimpl
-from mercure.fsutil import fsync_dir, safe_component, tmp_name
+from mercure.fsutil import TMP_PREFIX, fsync_dir, safe_component, tmp_name
 from mercure.registry import RegisterFn
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig, TargetError
 
@@ -36,6 +36,9 @@ class FolderTarget(Target[FolderTargetConfig]):
             dest.mkdir(exist_ok=True)
         except OSError as exc:
             raise TargetError(f"cannot create {dest}: {exc.strerror}") from exc
+        # Partial copies of a sender that died; the job's claim means nobody else writes here.
+        for stale in dest.glob(f"{TMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
         result = DeliveryResult()
         for src in job.files:
             final = dest / src.name
