@@ -125,6 +125,21 @@ def storescu(files: list[Path], port: int, aec: str = "ANY") -> subprocess.Popen
     )
 
 
+def route_all_to(scp: StoreSCP) -> dict[str, Any]:
+    """Configuration keys: one ``dicom`` target that is ``scp``, one rule routing everything."""
+    return {
+        "targets": {
+            "pacs": {
+                "target_type": "dicom",
+                "ip": "127.0.0.1",
+                "port": str(scp.port),
+                "aet_target": "STORESCP",
+            }
+        },
+        "rules": {"all": {"rule": "True", "target": "pacs", "action": "route"}},
+    }
+
+
 def spool_config(base: Path, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         f"{name}_folder": str(base / name)
@@ -153,8 +168,20 @@ def router(
     profile = os.environ.get("MERCURE_BENCH_PROFILE")
     if profile:  # e.g. MERCURE_BENCH_PROFILE=/tmp/router.txt: py-spy raw stacks of the router
         py_spy = Path(sys.executable).parent / "py-spy"
-        args = [str(py_spy), "record", "-o", profile, "-f", "raw", "-r", "200", "--threads",
-                "--subprocesses", "--", *args]
+        args = [
+            str(py_spy),
+            "record",
+            "-o",
+            profile,
+            "-f",
+            "raw",
+            "-r",
+            "200",
+            "--threads",
+            "--subprocesses",
+            "--",
+            *args,
+        ]
     if only:
         args += ["--only", only]
     with open(base / "router.log", "wb") as log:

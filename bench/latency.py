@@ -22,6 +22,7 @@ from common import (
     make_ct_series,
     report,
     require_dcmtk,
+    route_all_to,
     router,
     settle_disk,
     spool_config,
@@ -53,15 +54,7 @@ def main() -> None:
                     port=port,
                     series_complete_trigger=QUIET,
                     early_dispatch=early,
-                    targets={
-                        "pacs": {
-                            "target_type": "dicom",
-                            "ip": "127.0.0.1",
-                            "port": str(scp.port),
-                            "aet_target": "STORESCP",
-                        }
-                    },
-                    rules={"all": {"rule": "True", "target": "pacs"}},
+                    **route_all_to(scp),
                 )
                 latencies = []
                 with router(config, base):

@@ -19,6 +19,7 @@ from common import (
     make_ct_series,
     report,
     require_dcmtk,
+    route_all_to,
     router,
     spool_config,
     storescu,
@@ -39,15 +40,7 @@ def measure(base: Path, count: int, size: int, scp: StoreSCP) -> int:
     config = spool_config(
         base / f"spool-{count}",
         port=port,
-        targets={
-            "pacs": {
-                "target_type": "dicom",
-                "ip": "127.0.0.1",
-                "port": str(scp.port),
-                "aet_target": "STORESCP",
-            }
-        },
-        rules={"all": {"rule": "True", "target": "pacs"}},
+        **route_all_to(scp),
     )
     scp.clear()
     with router(config, base) as proc:

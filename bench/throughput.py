@@ -30,6 +30,7 @@ from common import (
     make_ct_series,
     report,
     require_dcmtk,
+    route_all_to,
     router,
     settle_disk,
     spool_config,
@@ -79,15 +80,7 @@ def main() -> None:
                 port=port,
                 series_complete_trigger=QUIET,
                 early_dispatch=not args.no_early_dispatch,
-                targets={
-                    "pacs": {
-                        "target_type": "dicom",
-                        "ip": "127.0.0.1",
-                        "port": str(scp.port),
-                        "aet_target": "STORESCP",
-                    }
-                },
-                rules={"all": {"rule": "True", "target": "pacs", "action": "route"}},
+                **route_all_to(scp),
             )
             with router(config, base):
                 routed = [send_and_wait(scp, [one], port, n) for one in ones]
