@@ -178,6 +178,7 @@ def router(
             "-r",
             "200",
             "--threads",
+            "--gil",
             "--subprocesses",
             "--",
             *args,

@@ -25,6 +25,7 @@ _real_sleep = time.sleep
 # How long a reactor may wait for its queue before it re-checks timers and the socket.
 ASSOCIATION_WAIT = 0.005
 DUL_WAIT = 0.0002
+REQUESTOR_STEP = 0.0001
 
 
 def _wait_on(q: Any, timeout: float) -> None:
@@ -44,8 +45,24 @@ def _association_sleep(seconds: float) -> None:
         and isinstance(msg_queue, queue.Queue)
     ):
         _wait_on(msg_queue, ASSOCIATION_WAIT)
+    elif seconds <= 0.001 and isinstance(
+        getattr(thread, "_reactor_checkpoint", None), threading.Event
+    ):
+        _requestor_sleep(thread, seconds)
     else:
         _real_sleep(seconds)
+
+
+def _requestor_sleep(thread: Any, seconds: float) -> None:
+    """A requestor's reactor pauses whenever a C-STORE is sent: reach the pause point at once.
+
+    ``send_c_store`` clears the checkpoint and spins until the reactor reports itself paused;
+    the reactor gets there only after its sleep, so each sent instance waited up to 1 ms.
+    """
+    checkpoint: threading.Event = thread._reactor_checkpoint
+    deadline = time.monotonic() + seconds
+    while checkpoint.is_set() and time.monotonic() < deadline:
+        _real_sleep(REQUESTOR_STEP)
 
 
 def _dul_sleep(seconds: float) -> None:
