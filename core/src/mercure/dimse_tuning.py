@@ -2,21 +2,31 @@
 
 pynetdicom runs two threads per association that poll each other with ``time.sleep(0.001)``:
 the association reactor waits for decoded DIMSE messages, the DUL reactor for primitives to
-send. Each instance therefore waits a few milliseconds for nothing, which caps one association
-at a few hundred instances per second. :func:`install` replaces those short sleeps with waits
-on the queues the threads actually feed each other, so a thread wakes as soon as there is
-work (and still wakes regularly to check timers, releases and aborts).
+send and for data on the socket. Each instance therefore waited a few milliseconds for
+nothing, which capped one association at a few hundred instances per second. :func:`install`
+replaces those short sleeps:
 
+* an acceptor's association reactor waits on its DIMSE message queue;
+* a requestor's reactor returns as soon as a sender asks it to pause;
+* the DUL reactor blocks in ``select`` on its socket and on a wake-up pipe that is written
+  whenever a primitive is queued for it, so it neither polls nor waits.
+
+Every wait is bounded, so timers, releases and aborts are still noticed.
 Set ``MERCURE_DIMSE_TUNING=0`` to run pynetdicom unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import select
+import socket
+import ssl
 import threading
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 _installed = False
@@ -24,7 +34,8 @@ _real_sleep = time.sleep
 
 # How long a reactor may wait for its queue before it re-checks timers and the socket.
 ASSOCIATION_WAIT = 0.005
-DUL_WAIT = 0.0002
+DUL_IDLE_WAIT = 0.05
+_WAKE_ATTR = "_mercure_wake"
 REQUESTOR_STEP = 0.0001
 
 
@@ -66,12 +77,61 @@ def _requestor_sleep(thread: Any, seconds: float) -> None:
 
 
 def _dul_sleep(seconds: float) -> None:
+    """Sleep until the socket has data or a primitive waits to be sent, whichever comes first.
+
+    A wake-up pipe per DUL thread is written to whenever a primitive is queued for it
+    (:func:`_send_pdu`), so the thread blocks in ``select`` instead of polling.
+    """
     thread = threading.current_thread()
     to_provider = getattr(thread, "to_provider_queue", None)
-    if seconds <= 0.001 and isinstance(to_provider, queue.Queue):
-        _wait_on(to_provider, DUL_WAIT)
-    else:
+    if seconds > 0.001 or not isinstance(to_provider, queue.Queue):
         _real_sleep(seconds)
+        return
+    wake = getattr(thread, _WAKE_ATTR, None)
+    if wake is None:
+        wake = socket.socketpair()
+        for end in wake:
+            end.setblocking(False)
+        setattr(thread, _WAKE_ATTR, wake)
+    if to_provider.qsize():
+        return
+    raw = getattr(getattr(thread, "socket", None), "socket", None)
+    watched: list[Any] = [wake[0]]
+    if raw is not None:
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes wait in the TLS buffer; select cannot see them
+        watched.append(raw)
+    try:
+        readable, _, _ = select.select(watched, [], [], DUL_IDLE_WAIT)
+    except (OSError, ValueError):  # socket closed under us: let the reactor notice
+        return
+    if wake[0] in readable:
+        with contextlib.suppress(OSError):
+            wake[0].recv(4096)
+
+
+def _send_pdu(original: Callable[..., Any]) -> Callable[..., Any]:
+    def send_pdu(self: Any, primitive: Any) -> None:
+        original(self, primitive)
+        wake = getattr(self, _WAKE_ATTR, None)
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake[1].send(b"w")
+
+    return send_pdu
+
+
+def _run_reactor(original: Callable[..., Any]) -> Callable[..., Any]:
+    def run_reactor(self: Any) -> None:
+        try:
+            original(self)
+        finally:
+            wake = self.__dict__.pop(_WAKE_ATTR, None)
+            if wake is not None:
+                for end in wake:
+                    end.close()
+
+    return run_reactor
 
 
 def _time_with_sleep(sleep: Any) -> types.SimpleNamespace:
@@ -92,5 +152,8 @@ def install() -> bool:
 
     pynetdicom.association.time = _time_with_sleep(_association_sleep)  # type: ignore[assignment]
     pynetdicom.dul.time = _time_with_sleep(_dul_sleep)  # type: ignore[assignment]
+    dul_class = pynetdicom.dul.DULServiceProvider
+    dul_class.send_pdu = _send_pdu(dul_class.send_pdu)  # type: ignore[method-assign]
+    dul_class.run_reactor = _run_reactor(dul_class.run_reactor)  # type: ignore[method-assign]
     _installed = True
     return True
