@@ -86,8 +86,6 @@ def load(path: Path | None, data: Path | None = None) -> Loaded:
                 default_config_data(folder), registry, "(built-in default)"
             )
             source = f"built-in default (data in {folder.resolve()})"
-            # The default's folder target must exist, or every job would wait in outgoing/.
-            (folder.resolve() / "target").mkdir(parents=True, exist_ok=True)
         else:
             config, warnings = load_config(config_path, registry)
             source = str(config_path)

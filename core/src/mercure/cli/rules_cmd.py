@@ -42,7 +42,7 @@ def test(
         try:
             result = compile_rule(rule).evaluate(tags)
         except RuleError as exc:
-            raise die(str(exc)) from None
+            raise die(f"{exc}\n{exc.caret()}") from None
         typer.echo(result.explain())
         raise typer.Exit(0 if result.matched else 3)
     loaded = load(config)

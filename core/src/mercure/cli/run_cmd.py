@@ -35,6 +35,11 @@ def install(app: typer.Typer) -> None:
         for warning in loaded.warnings:
             log.warning("configuration warning", detail=warning)
         names = [s.strip() for s in only.split(",") if s.strip()]
+        for target in cfg.targets.values():
+            folder = getattr(target, "folder", None)
+            if loaded.source.startswith("built-in") and target.target_type == "folder" and folder:
+                # The default's folder target must exist, or every job would wait in outgoing/.
+                Path(folder).mkdir(parents=True, exist_ok=True)
         log.info(
             "configuration loaded",
             source=loaded.source,
