@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-early-dispatch", action="store_true")
+    parser.add_argument(
+        "--receivers", type=int, default=1, help="dicom_receiver.processes (sharing the port)"
+    )
     args = parser.parse_args()
     require_dcmtk()
     n = args.count
@@ -80,6 +83,7 @@ def main() -> None:
                 port=port,
                 series_complete_trigger=QUIET,
                 early_dispatch=not args.no_early_dispatch,
+                dicom_receiver={"processes": args.receivers},
                 **route_all_to(scp),
             )
             with router(config, base):
@@ -95,6 +99,7 @@ def main() -> None:
         {
             "instances": n,
             "early_dispatch": not args.no_early_dispatch,
+            "receiver_processes": args.receivers,
             "direct_s": round(ref, 3),
             "direct_4assoc_s": round(statistics.median(direct4), 3),
             "router_1assoc_s": round(r1, 3),

@@ -101,6 +101,9 @@ class DicomReceiverConfig(BaseModel):
     bind_address: str = "0.0.0.0"
     max_pdu: int = 0
     tls: ReceiverTLSConfig | None = None
+    processes: int = Field(default=1, ge=1, le=64)
+    """Receiver processes sharing the port (``SO_REUSEPORT``): parallel associations use
+    several cores. 1 keeps the receiver in the ``mercure run`` process."""
 
 
 class ProcessingLogsConfig(BaseModel):

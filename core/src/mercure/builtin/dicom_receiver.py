@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import socketserver
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,20 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
         log.info("DICOM TLS connection", address=address, client_cert=subject)
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port other receiver processes of this router share."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        # Made with make_server, so the AE does not list it among the servers it started.
+        socketserver.TCPServer.shutdown(self)
+        self.server_close()
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -208,12 +224,27 @@ class DicomReceiver(Receiver):
             (evt.EVT_CONN_OPEN, self.handle_open),
         ]
 
+    #: Set by the supervisor when several receiver processes share the port.
+    reuse_port = False
+
+    def _serve(self, ae: AE, address: tuple[str, int]) -> ThreadedAssociationServer:
+        """Start a non-blocking server; with ``reuse_port``, one of several sharing the port."""
+        if not self.reuse_port:
+            server = ae.start_server(address, block=False, evt_handlers=self._handlers())
+            assert server is not None  # non-blocking start returns the server
+            return server
+        shared = ae.make_server(
+            address, evt_handlers=self._handlers(), server_class=_ReusePortServer
+        )
+        thread = threading.Thread(target=shared.serve_forever, name="dicom-receiver", daemon=True)
+        thread.start()
+        return shared
+
     def start(self) -> None:
         dimse_tuning.install()
         ae = self._make_ae()
         address = (self.settings.bind_address, self.config.port)
-        server = ae.start_server(address, block=False, evt_handlers=self._handlers())
-        assert server is not None  # non-blocking start returns the server
+        server = self._serve(ae, address)
         self.servers.append(server)
         log.info("DICOM receiver listening", address=address[0], port=self.port)
         tls = self.settings.tls

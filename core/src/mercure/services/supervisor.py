@@ -6,11 +6,13 @@ import signal
 import threading
 from typing import Any
 
+from mercure.builtin.dicom_receiver import DicomReceiver
 from mercure.logs import get_logger
 from mercure.receivers import Receiver
 from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
 from mercure.services.dispatcher import Dispatcher
+from mercure.services.receiver_pool import ReceiverPool
 from mercure.services.router import Router
 from mercure.services.runtime import Runtime
 
@@ -32,6 +34,7 @@ class Supervisor:
         self.receivers: list[Receiver] = []
         self.services: list[Service] = []
         self.stopped = threading.Event()
+        self.pool: ReceiverPool | None = None
 
     def start(self) -> None:
         rt = self.runtime
@@ -51,13 +54,21 @@ class Supervisor:
         if "receiver" in self.names:
             for plugin_type in rt.plugins.registry.types["receiver"].values():
                 receiver: Receiver = plugin_type.implementation(rt.config, rt.spool)
+                extra = rt.config.dicom_receiver.processes - 1
+                if extra and isinstance(receiver, DicomReceiver):
+                    receiver.reuse_port = True
                 receiver.start()
                 self.receivers.append(receiver)
+                if extra and isinstance(receiver, DicomReceiver):
+                    self.pool = ReceiverPool(rt.config, receiver.port, extra, fsync=rt.fsync)
+                    self.pool.start()
         log.info("services started", services=self.names)
 
     def stop(self) -> None:
         if self.stopped.is_set():
             return
+        if self.pool is not None:
+            self.pool.stop()
         for receiver in self.receivers:
             receiver.stop()
         for service in self.services:
@@ -78,6 +89,7 @@ class Supervisor:
         self.start()
         try:
             while not stop.wait(1.0):
-                pass
+                if self.pool is not None:
+                    self.pool.check()
         finally:
             self.stop()
