@@ -133,11 +133,11 @@ class IncomingSpool:
     def _write_tags(self, series_dir: Path, tags: Mapping[str, str]) -> None:
         tmp = self.tmp / f"{TMP_PREFIX}{uuid.uuid4().hex}.tags"
         data = json.dumps(dict(tags), ensure_ascii=False).encode("utf-8")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if self.fsync:
-                os.fdatasync(fh.fileno())
         try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if self.fsync:
+                    os.fdatasync(fh.fileno())
             os.rename(tmp, series_dir / TAGS_FILE)
         except BaseException:
             with contextlib.suppress(OSError):

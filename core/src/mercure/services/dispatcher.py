@@ -9,6 +9,7 @@ times, then moves to ``error/`` with the reason in its task file.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import random
@@ -16,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from mercure.config import Config
 from mercure.events import TaskEvent, TaskEventType
@@ -160,6 +162,7 @@ class Dispatcher(Service):
                 self._schedule(ref.id, float(dispatch.next_retry_at or 0.0))
                 return  # a manual change or another dispatcher rescheduled it
             log = log.bind(series_uid=dispatch.series_uid)
+            warned = False  # about a full disk, for this job
             while True:
                 was_open = store.is_open(ref)  # checked before listing: no file is missed
                 if was_open and not self._all_stream(task):
@@ -177,10 +180,19 @@ class Dispatcher(Service):
                 if not was_open:
                     break
                 if store.is_open(ref):
-                    store.write(ref, task)  # series still arriving: come back to it soon
-                    self._schedule(ref.id, time.time() + OPEN_JOB_RECHECK)
-                    return
-            store.write(ref, task)
+                    # Series still arriving: come back to it soon. On a full disk the delivery
+                    # record cannot be written: keep it in memory and stay with the job, rather
+                    # than send the same instances again on the next pass.
+                    if self._write_unless_full(ref, task, log, warned):
+                        self._schedule(ref.id, time.time() + OPEN_JOB_RECHECK)
+                        return
+                    warned = True
+                    if self.stop_event.wait(OPEN_JOB_RECHECK):
+                        return
+            # On a full disk the job still moves (a rename needs no space) with its previous
+            # task file: the target has every instance, and sending them again and again until
+            # space returns would keep the disk full, since only delivered jobs are cleaned.
+            self._write_unless_full(ref, task, log, warned)
             store.move(ref, "success", claim)
             self._forget(ref.id)
             log.info("job delivered", targets=task.target_names, instances=len(files))
@@ -199,6 +211,22 @@ class Dispatcher(Service):
             self.runtime.metrics(
                 Metric("dispatcher.jobs_delivered", 1, {"target": ",".join(task.target_names)})
             )
+
+    def _write_unless_full(self, ref: JobRef, task: Task, log: Any, warned: bool) -> bool:
+        """Write the task file; False (logged once) if the disk is full, other errors raise."""
+        try:
+            self.runtime.store.write(ref, task)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not warned:
+                log.warning(
+                    "disk full: the delivery record in task.json cannot be updated",
+                    folder=str(ref.path),
+                    error=str(exc),
+                )
+            return False
+        return True
 
     def _all_stream(self, task: Task) -> bool:
         try:

@@ -191,6 +191,8 @@ class Router(Service):
         self.on_jobs_created: list[Callable[[], None]] = []
         # series folder name -> names already linked into its open jobs (this process only)
         self._linked: dict[str, set[str]] = {}
+        # series folders whose routing failed with an OSError (warned once each)
+        self._stalled: set[str] = set()
 
     def run_once(self) -> int:
         handled = 0
@@ -200,7 +202,7 @@ class Router(Service):
         for taken in spool.taken():
             if self.stop_event.is_set():
                 return handled
-            handled += self._route_taken(taken)
+            handled += self._one_series(taken, self._route_taken, taken)
         now = time.time()
         quiet = self.runtime.config.series_complete_trigger
         arriving = spool.series()
@@ -211,15 +213,35 @@ class Router(Service):
                 self._linked.pop(series.path.name, None)
                 taken_path = spool.take(series.path)
                 if taken_path is not None:
-                    handled += self._route_taken(taken_path)
+                    handled += self._one_series(taken_path, self._route_taken, taken_path)
             elif self.runtime.config.early_dispatch:
-                handled += self._stream(series.path)
+                handled += self._one_series(series.path, self._stream, series.path)
         if len(self._linked) > len(arriving):
             names = {s.path.name for s in arriving}
             self._linked = {k: v for k, v in self._linked.items() if k in names}
         if handled:
             for callback in self.on_jobs_created:
                 callback()
+        return handled
+
+    def _one_series(self, folder: Path, step: Callable[[Path], int], arg: Path) -> int:
+        """Run one series' step; an ``OSError`` (a full disk) leaves that series for the next pass.
+
+        One series that cannot be routed now must not hold up the others: completing a series
+        whose jobs exist needs no space, and only delivered jobs free it.
+        """
+        try:
+            handled = step(arg)
+        except OSError as exc:
+            if folder.name not in self._stalled:
+                self._stalled.add(folder.name)
+                self.log.warning(
+                    "cannot route this series now; it is tried again on the next pass",
+                    folder=folder.name,
+                    error=str(exc),
+                )
+            return 0
+        self._stalled.discard(folder.name)
         return handled
 
     # -- series still arriving ---------------------------------------------------------------
