@@ -32,6 +32,7 @@ that instance again).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -624,6 +625,23 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
             subprocess.run([str(UMOUNT), "-l", str(folder)], check=True, timeout=60)
 
 
+def fill(path: Path) -> int:
+    """Write ``path`` until its filesystem is full; return the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        chunk = b"\0" * 4096
+        while True:
+            try:
+                written += os.write(fd, chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return written
+    finally:
+        os.close(fd)
+
+
 # -- the accounting --------------------------------------------------------------------------
 
 
@@ -1019,6 +1037,12 @@ def run_disk_full(
                     report.problems.append(
                         "the spool never filled: raise the number of instances or shrink the tmpfs"
                     )
+                # Take whatever space is left, as another program might: from now on the disk
+                # is full to the last byte, and only jobs delivered and cleaned make room.
+                filled = fill(root / "spool" / ".filler")
+                report.notes.append(
+                    f"after round 1 the last {filled // 1024} KiB of the spool were filled"
+                )
                 # Everything acknowledged so far must survive the full disk and be delivered.
                 target.start()
                 scan = TargetScan(target.folder, originals)
