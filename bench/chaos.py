@@ -25,23 +25,12 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "chaos"))
 
-from chaos_support import (  # noqa: E402
-    CI_DISK_PARAMS,
-    CI_PARAMS,
-    FULL_DISK_PARAMS,
-    FULL_PARAMS,
-    SCENARIOS,
-    ScenarioSkipped,
-    seed_from_env,
-)
-
-TARGET_DOWN_FULL = replace(FULL_PARAMS, series=20, instances=50, timeout=300.0)
+from chaos_support import CI_SIZE, FULL_SIZE, SCENARIOS, ScenarioSkipped, seed_from_env  # noqa: E402
 
 
 def main() -> int:
@@ -58,12 +47,7 @@ def main() -> int:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     failed = []
     for name in names:
-        if args.ci_size:
-            params = CI_DISK_PARAMS if name == "disk-full" else CI_PARAMS
-        else:
-            params = {"disk-full": FULL_DISK_PARAMS, "target-down": TARGET_DOWN_FULL}.get(
-                name, FULL_PARAMS
-            )
+        params = (CI_SIZE if args.ci_size else FULL_SIZE)[name]
         seed = args.seed if args.seed is not None else seed_from_env()
         base = Path(tempfile.mkdtemp(prefix=f"mercure-chaos-{name}-"))
         keep = bool(os.environ.get("MERCURE_BENCH_KEEP"))

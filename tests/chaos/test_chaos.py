@@ -30,14 +30,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from chaos_support import CI_DISK_PARAMS, CI_PARAMS, SCENARIOS, ScenarioSkipped, seed_from_env
+from chaos_support import CI_SIZE, SCENARIOS, ScenarioSkipped, seed_from_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.peer, pytest.mark.timeout(150)]
 
 
 @pytest.mark.parametrize("scenario", ["kills", "target-down", "disk-full"])
 def test_nothing_is_lost_under_faults(tmp_path: Path, scenario: str) -> None:
-    params = CI_DISK_PARAMS if scenario == "disk-full" else CI_PARAMS
+    params = CI_SIZE[scenario]
     try:
         report = SCENARIOS[scenario](tmp_path, params, seed_from_env(), print)
     except ScenarioSkipped as exc:
