@@ -131,6 +131,7 @@ class Report:
     duplicated: int = 0
     duplicated_in_one_job: int = 0
     duplicated_across_jobs: int = 0
+    duplicated_unattributed: int = 0  # its job's task file is gone (cleaned)
     series_routed_twice: int = 0
     jobs: int = 0
     partial_files: int = 0
@@ -158,7 +159,13 @@ class Report:
             f"  delivered {self.delivered} of {self.sent} ({self.copies} files at the target); "
             f"delivered more than once: {self.duplicated} instances "
             f"({self.duplicated_in_one_job} re-sent within one job, "
-            f"{self.duplicated_across_jobs} in several jobs); "
+            f"{self.duplicated_across_jobs} in several jobs"
+            + (
+                f", {self.duplicated_unattributed} whose job was cleaned already"
+                if self.duplicated_unattributed
+                else ""
+            )
+            + "); "
             f"jobs delivered {self.jobs}, series routed as more than one job "
             f"{self.series_routed_twice}"
         )
@@ -700,7 +707,7 @@ def account(
     sender_acknowledged: set[str],
     *,
     partial_allowed: bool,
-    check_jobs: bool = True,
+    receiver_killed: bool = False,
 ) -> None:
     """The final accounting: nothing lost, nothing invented, duplicates counted."""
     scan.refresh()
@@ -759,18 +766,30 @@ def account(
     report.jobs = len(delivered_jobs)
     report.series_routed_twice = sum(1 for jobs in series_jobs.values() if len(jobs) > 1)
     for sop in duplicated:
-        if len(set(jobs_of.get(sop, []))) > 1:
+        recorded_by = len(set(jobs_of.get(sop, [])))
+        if recorded_by > 1:
             report.duplicated_across_jobs += 1
-        else:
+        elif recorded_by == 1:
             report.duplicated_in_one_job += 1
-    if check_jobs:
-        for state in ("outgoing", "error"):
-            left = _listdir(router.folder(state))
-            if left:
-                report.problems.append(f"{state}/ is not empty: {sorted(left)[:5]}")
-        incoming = router.folder("incoming")
-        if visible_entries(incoming) or _listdir(incoming / ".routing"):
-            report.problems.append(f"series left in incoming/: {router.spool_state()}")
+        else:
+            report.duplicated_unattributed += 1
+    for state in ("outgoing", "error"):
+        left = _listdir(router.folder(state))
+        if left:
+            report.problems.append(f"{state}/ is not empty: {sorted(left)[:5]}")
+    incoming = router.folder("incoming")
+    if visible_entries(incoming) or _listdir(incoming / ".routing"):
+        report.problems.append(f"series left in incoming/: {router.spool_state()}")
+    leftovers = _listdir(incoming / ".tmp")
+    if leftovers and receiver_killed:
+        report.notes.append(
+            f"{len(leftovers)} temporary files in incoming/.tmp, left by killed receivers "
+            "(the cleaner removes them after an hour)"
+        )
+    elif leftovers:
+        report.problems.append(
+            f"temporary files left in incoming/.tmp by receivers never killed: {leftovers[:5]}"
+        )
     report.retries_logged = router.retries_logged()
 
 
@@ -867,7 +886,14 @@ def run_kills(root: Path, params: Params, seed: int, out: Callable[[str], None] 
                 scan = TargetScan(target.folder, originals)
                 wait_settled(router, scan, acknowledged, deadline, report)
                 _sender_stats(report, sender)
-                account(report, router, scan, acknowledged, partial_allowed=False)
+                account(
+                    report,
+                    router,
+                    scan,
+                    acknowledged,
+                    partial_allowed=False,
+                    receiver_killed=report.victims["receiver"] > 0,
+                )
                 unclean = router.stop()
                 if unclean:
                     report.problems.append(f"did not stop cleanly on SIGTERM: {unclean}")
