@@ -67,6 +67,10 @@ class DeliveryJob:
     tags: Mapping[str, str]
     task: Task
     more: MoreFiles | None = None
+    confirm: Callable[[list[str]], None] | None = None
+    """Optional: report file names the target confirmed so far, during a long send. The
+    dispatcher records them in the task file (at most about once a second), so that a
+    dispatcher killed mid-send does not send them again. The final result still counts."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles
 MAX_ATTEMPTS_KEPT = 20
 OPEN_JOB_RECHECK = 0.05
 MORE_FILES_POLL = 0.02
+PROGRESS_FLUSH_INTERVAL = 1.0
 
 
 def retry_delay(config: Config, retries: int, rng: random.Random | None = None) -> float:
@@ -297,6 +298,17 @@ class Dispatcher(Service):
                 pending = more(0.0) or []
                 if not pending:
                     return None
+        early: set[str] = set()  # confirmed during the send, through DeliveryJob.confirm
+        last_flush = [0.0]
+
+        def confirm(names: list[str]) -> None:
+            early.update(n for n in names if n in handed)
+            if time.monotonic() - last_flush[0] < PROGRESS_FLUSH_INTERVAL:
+                return
+            last_flush[0] = time.monotonic()
+            dispatch.delivered[target_name] = sorted(delivered | early)
+            self._write_unless_full(ref, task, self.log.bind(task_id=ref.id), warned=True)
+
         try:
             target = self.runtime.target(target_name)
             result = target.send(
@@ -307,12 +319,13 @@ class Dispatcher(Service):
                     tags=task.tags,
                     task=task,
                     more=more,
+                    confirm=confirm,
                 )
             )
         except Exception as exc:
             text = str(exc).strip() or exc.__class__.__name__
             result = DeliveryResult(error=text)
-        confirmed = [n for n in result.delivered if n in handed]
+        confirmed = sorted(early.union(n for n in result.delivered if n in handed))
         delivered.update(confirmed)
         dispatch.delivered[target_name] = sorted(delivered)
         failed = {n: r for n, r in result.failed.items() if n in handed}

@@ -513,7 +513,13 @@ class Sender:
                 break
         return outcome
 
-    def stream(self, files: list[Path], more: MoreFiles, idle_release: float) -> SendOutcome:
+    def stream(
+        self,
+        files: list[Path],
+        more: MoreFiles,
+        idle_release: float,
+        confirm: Callable[[list[str]], None] | None = None,
+    ) -> SendOutcome:
         """Send ``files``, then the files ``more`` hands out as the series arrives.
 
         One association carries them all while files keep coming; after ``idle_release`` seconds
@@ -545,6 +551,8 @@ class Sender:
                         for inst in deferred:
                             outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
                         return outcome
+                    if confirm is not None:
+                        confirm(list(outcome.delivered))
                     last_file = time.monotonic()
                 idle_left = idle_release - (time.monotonic() - last_file)
                 if idle_left <= 0:

@@ -61,7 +61,7 @@ class DicomTarget(Target[DicomTargetConfig]):
         sender = Sender(peer, task_id=job.task_id)
         if job.more is not None:
             idle = min(STREAM_IDLE_RELEASE, self.config.timeout / 2)
-            outcome = sender.stream(list(job.files), job.more, idle)
+            outcome = sender.stream(list(job.files), job.more, idle, job.confirm)
         else:
             outcome = sender.send(list(job.files))
         log.info(
