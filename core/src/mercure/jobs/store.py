@@ -111,15 +111,18 @@ class JobStore:
         with building:
             for src in files:
                 link_or_copy(src, staging / src.name)
+            # The instances are links to files the receiver already made durable (a copy across
+            # filesystems is synced by link_or_copy): only the task file and the folder need it.
             write_task(staging, task, fsync=False)
+            if self.fsync:
+                fd = os.open(staging / TASKFILE, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             if open_job:
                 (staging / OPEN_MARKER).touch()
             if self.fsync:
-                for entry in os.scandir(staging):
-                    with contextlib.suppress(OSError):
-                        fd = os.open(entry.path, os.O_RDONLY)
-                        os.fsync(fd)
-                        os.close(fd)
                 fsync_dir(staging)
             final = self.folders[state] / task.id
             try:
