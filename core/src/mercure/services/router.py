@@ -191,6 +191,8 @@ class Router(Service):
         self.on_jobs_created: list[Callable[[], None]] = []
         # series folder name -> names already linked into its open jobs (this process only)
         self._linked: dict[str, set[str]] = {}
+        # series folder name -> its plan, so a streaming pass does not read .plan.json again
+        self._plans: dict[str, list[PlannedJob]] = {}
         # series folders whose routing failed with an OSError (warned once each)
         self._stalled: set[str] = set()
 
@@ -211,6 +213,7 @@ class Router(Service):
                 return handled
             if now - series.last_change >= quiet:
                 self._linked.pop(series.path.name, None)
+                self._plans.pop(series.path.name, None)
                 taken_path = spool.take(series.path)
                 if taken_path is not None:
                     handled += self._one_series(taken_path, self._route_taken, taken_path)
@@ -219,6 +222,7 @@ class Router(Service):
         if len(self._linked) > len(arriving):
             names = {s.path.name for s in arriving}
             self._linked = {k: v for k, v in self._linked.items() if k in names}
+            self._plans = {k: v for k, v in self._plans.items() if k in names}
         if handled:
             for callback in self.on_jobs_created:
                 callback()
@@ -287,9 +291,10 @@ class Router(Service):
         new = [folder / name for name in sorted(instance_names(folder) - linked)]
         if not new:
             return 0
-        plan = self._plan(folder, new)
+        plan = self._plans.get(folder.name) or self._plan(folder, new)
         if plan is None:
             return 0
+        self._plans[folder.name] = plan
         store = self.runtime.store
         added = 0
         for job in plan:
