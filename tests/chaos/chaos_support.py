@@ -63,6 +63,7 @@ from e2e_support import (  # noqa: E402
     folder_of,
     log_events,
     spool_config,
+    started_processes,
     visible_entries,
     write_config,
 )
@@ -598,19 +599,6 @@ def router_config(root: Path, target_port: int, **overrides: Any) -> dict[str, A
 
 
 @contextlib.contextmanager
-def processes(root: Path) -> Iterator[ProcessFactory]:
-    """A process factory whose processes are all killed (by PID) when the block ends."""
-    started: list[MercureProcess] = []
-    factory = ProcessFactory(root, started)
-    try:
-        yield factory
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.close()
-
-
-@contextlib.contextmanager
 def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     """A small tmpfs at ``folder``; :class:`ScenarioSkipped` if this machine does not allow it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -826,7 +814,7 @@ def run_kills(root: Path, params: Params, seed: int, out: Callable[[str], None] 
     series, originals = make_input(root, params)
     target = TargetSCP(root / "target", free_port(), root / "storescp.log").start()
     try:
-        with processes(root) as factory:
+        with started_processes(root) as factory:
             router = Router(root, router_config(root, target.port), factory)
             # The cleaner is not a victim: it removes what killed builders leave behind.
             router.start("receiver", "router", "dispatcher", "cleaner")
@@ -933,7 +921,7 @@ def run_target_down(
     target = TargetSCP(root / "target", free_port(), root / "storescp.log").start()
     marks = [(j + 1) * params.series // (params.outages + 1) for j in range(params.outages)]
     try:
-        with processes(root) as factory:
+        with started_processes(root) as factory:
             router = Router(root, router_config(root, target.port), factory)
             router.start("receiver", "router", "dispatcher", "cleaner")
             outages_started = 0
@@ -1023,7 +1011,7 @@ def run_disk_full(
     with tmpfs(root / "spool", params.tmpfs_size):
         target = TargetSCP(root / "target", free_port(), root / "storescp.log")
         try:
-            with processes(root) as factory:
+            with started_processes(root) as factory:
                 config = router_config(root, target.port, retention=0, cleaner_scan_interval=1)
                 router = Router(root, config, factory)
                 router.start("receiver", "router", "dispatcher", "cleaner")

@@ -11,17 +11,11 @@ import pytest
 # The tests import their helpers from this folder (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from e2e_support import MercureProcess, ProcessFactory
+from e2e_support import ProcessFactory, started_processes
 
 
 @pytest.fixture
 def mercure_processes(tmp_path: Path) -> Iterator[ProcessFactory]:
     """Start ``mercure`` subprocesses; every one still running at the end is killed by its PID."""
-    started: list[MercureProcess] = []
-    factory = ProcessFactory(tmp_path, started)
-    try:
+    with started_processes(tmp_path) as factory:
         yield factory
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.close()

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -298,3 +298,16 @@ def raw_dicom_file(
     write_file_meta_info(buffer, meta)
     path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
     return path
+
+
+@contextlib.contextmanager
+def started_processes(root: Path) -> Iterator[ProcessFactory]:
+    """A process factory whose processes still running at the end are killed by their PID."""
+    started: list[MercureProcess] = []
+    factory = ProcessFactory(root, started)
+    try:
+        yield factory
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.close()
