@@ -16,7 +16,6 @@ Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`Dcmtk
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -316,9 +315,3 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStoreSCP]:
         yield scp
     finally:
         scp.stop()
-
-
-def has_dcmtk() -> bool:
-    return (DCMTK_BIN / "storescp").exists() and shutil.which(
-        str(DCMTK_BIN / "storescp")
-    ) is not None

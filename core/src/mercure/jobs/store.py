@@ -37,10 +37,6 @@ OPEN_MARKER = ".open"
 """Present in a job whose series is still arriving; the router removes it when complete."""
 
 
-class JobNotFoundError(LookupError):
-    """No job with that id exists in any state folder."""
-
-
 @dataclass(frozen=True)
 class JobRef:
     """A job folder and its state."""
@@ -241,4 +237,4 @@ class JobStore:
                             remove_tree(Path(entry.path))
 
 
-__all__ = ["STATES", "TASKFILE", "JobNotFoundError", "JobRef", "JobStore", "State"]
+__all__ = ["STATES", "TASKFILE", "JobRef", "JobStore", "State"]
