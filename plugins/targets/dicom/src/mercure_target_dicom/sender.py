@@ -31,6 +31,7 @@ from typing import Any
 
 import pydicom
 from mercure import dimse_tuning
+from mercure.dimse_tuning import keep_responses_from_reactor
 from mercure.targets import MoreFiles, TargetError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -247,30 +248,8 @@ def _associate(ae: AE, peer: Peer, watch: _Watch) -> Association:
         tls_args=tls_args,  # type: ignore[arg-type]
         evt_handlers=watch.handlers(),
     )
-    _keep_responses_from_reactor(assoc)
+    keep_responses_from_reactor(assoc)
     return assoc
-
-
-def _keep_responses_from_reactor(assoc: Association) -> None:
-    """Stop pynetdicom's reactor thread from taking our C-STORE responses off the queue.
-
-    ``send_c_store`` pauses the association's reactor while it waits for the response, but the
-    pause has a gap: right after one send returns, the reactor may still be waking up when the
-    next send starts, and its non-blocking ``dimse.get_msg()`` then takes the next response,
-    so the send waits a whole DIMSE timeout for nothing (seen about once in 300 associations
-    on loopback). Only the reactor polls without blocking, and on an association that only
-    sends C-STORE/C-ECHO requests it has no DIMSE message of its own to serve, so its polls
-    get nothing; the senders' blocking reads are unchanged.
-    """
-    dimse = assoc.dimse
-    original = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block:
-            return None, None
-        return original(block=True)
-
-    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def association_failure(peer: Peer, assoc: Association, watch: _Watch, purpose: str) -> str:
