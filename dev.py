@@ -5,6 +5,13 @@
     python3 dev.py test [options of pytest]         set up, then lint, type-check and test
     python3 dev.py setup                            only set up
 
+Testing runs ruff, ruff format --check and mypy over everything, pytest over the core and the
+cross-package tests in ``.venv``, and then each plugin's and template's own tests in an
+environment of its own (``.venvs/<distribution>``) holding only the core, that plugin and its
+``test`` extra: a dependency missing from a plugin's ``pyproject.toml`` fails there. Set
+``MERCURE_TEST_PLUGINS=`` (empty) to skip that step, or to a comma-separated list of folders
+(``plugins/targets/dicom``) to run only those.
+
 Standard library only, so that it works on a machine that has nothing but Python 3.11+.
 Setting up means: create ``.venv`` (``python3 -m venv``) if it is missing, install ``uv`` into
 it with pip, and let ``uv sync`` install the core, every plugin of the workspace (editable) and
@@ -74,7 +81,7 @@ def setup() -> None:
     say("installing the core, every plugin (editable) and the dev tools with uv")
     # --inexact: keep tools a developer installed into .venv by hand; CI starts from a clean one.
     must(
-        [uv, "sync", "--all-packages", "--group", "dev", "--inexact"],
+        [uv, "sync", "--all-packages", "--all-extras", "--group", "dev", "--inexact"],
         "uv sync",
         env=uv_env(),
     )
@@ -98,9 +105,52 @@ def peers_hint() -> None:
 
 def mypy_targets() -> list[str]:
     """The source folders of the core and of every plugin."""
-    folders = [ROOT / "core" / "src", *sorted(ROOT.glob("plugins/*/*/src"))]
-    folders.append(ROOT / "plugins" / "_template" / "src")
+    folders = [ROOT / "core" / "src", *(p / "src" for p in plugin_folders())]
     return [str(f.relative_to(ROOT)) for f in folders if f.is_dir()]
+
+
+def plugin_folders() -> list[Path]:
+    """Every plugin (``plugins/<kind>/<name>``) and template (``templates/<kind>``) folder."""
+    found = [*ROOT.glob("plugins/*/*/pyproject.toml"), *ROOT.glob("templates/*/pyproject.toml")]
+    return sorted(p.parent for p in found)
+
+
+# Test tools every isolated plugin environment gets; a plugin lists the rest in its `test` extra.
+ISOLATED_TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3"]
+
+
+def test_plugin_alone(folder: Path, pytest_args: list[str]) -> int:
+    """Install the core and one plugin (with its `test` extra) in a fresh venv; run its tests."""
+    rel = folder.relative_to(ROOT)
+    env_dir = ROOT / ".venvs" / str(rel).replace("/", "-")
+    shutil.rmtree(env_dir, ignore_errors=True)  # fresh every time: nothing left from before
+    env = uv_env()
+    env.pop("UV_PROJECT_ENVIRONMENT", None)
+    if call([BIN / "uv", "venv", "--quiet", "--python", BIN / "python", env_dir], env) != 0:
+        return 1
+    extra = "[test]" if "test =" in (folder / "pyproject.toml").read_text() else ""
+    install = [
+        BIN / "uv", "pip", "install", "--quiet", "--python", env_dir / "bin" / "python",
+        "-e", ROOT / "core", "-e", f"{folder}{extra}", *ISOLATED_TEST_TOOLS,
+    ]  # fmt: skip
+    if call(install, env) != 0:
+        return 1
+    tests = folder / "tests"
+    if not tests.is_dir():
+        say(f"{rel} has no tests folder")
+        return 1
+    run_env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    run_env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{run_env.get('PATH', '')}"
+    return call([env_dir / "bin" / "python", "-m", "pytest", tests, *pytest_args], run_env)
+
+
+def selected_plugins() -> list[Path]:
+    wanted = os.environ.get("MERCURE_TEST_PLUGINS")
+    folders = plugin_folders()
+    if wanted is None:
+        return folders
+    names = {w.strip().rstrip("/") for w in wanted.split(",") if w.strip()}
+    return [f for f in folders if str(f.relative_to(ROOT)) in names]
 
 
 def test(pytest_args: list[str]) -> int:
@@ -117,10 +167,14 @@ def test(pytest_args: list[str]) -> int:
     for name, cmd in steps:
         say(f"step: {name}")
         results.append((name, call(cmd)))
+    for folder in selected_plugins():
+        name = f"alone: {folder.relative_to(ROOT)}"
+        say(f"step: {name} (the core, this plugin and its test extra in a fresh venv)")
+        results.append((name, test_plugin_alone(folder, pytest_args)))
     print(flush=True)
     for name, code in results:
         outcome = "ok" if code == 0 else f"FAILED (exit code {code})"
-        say(f"{name:<20} {outcome}")
+        say(f"{name:<36} {outcome}")
     failed = [name for name, code in results if code != 0]
     if failed:
         say(f"failed: {', '.join(failed)}")

@@ -12,13 +12,13 @@ from mercure import hookimpl
 from mercure.config import (
     Config,
     ConfigError,
-    Secret,
     default_config_data,
     load_config,
     validate_config,
 )
 from mercure.plugins import PluginManager
 from mercure.registry import RegisterFn, Registry
+from mercure.secrets import Secret
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig
 
 DATA = Path(__file__).parent / "data"

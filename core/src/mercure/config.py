@@ -12,15 +12,12 @@ instead of plaintext; they are resolved when the configuration loads.
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SerializeAsAny,
@@ -29,35 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from mercure.secrets import OptionalSecret
 from mercure.targets import TargetConfig
 
 if TYPE_CHECKING:
     from mercure.registry import Registry
-
-_SECRET_REF = re.compile(r"^\$\{(env|file):(.+)\}$")
-
-
-def resolve_secret(value: Any) -> Any:
-    """Replace ``${env:NAME}`` / ``${file:/path}`` with the variable's or the file's content."""
-    if not isinstance(value, str):
-        return value
-    match = _SECRET_REF.match(value.strip())
-    if not match:
-        return value
-    source, ref = match.groups()
-    if source == "env":
-        if ref not in os.environ:
-            raise ValueError(f"environment variable {ref} is not set (referenced as {value})")
-        return os.environ[ref]
-    try:
-        return Path(ref).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read secret file {ref}: {exc.strerror}") from None
-
-
-Secret = Annotated[str, BeforeValidator(resolve_secret)]
-"""A string field that may be given as a reference to an environment variable or a file."""
-OptionalSecret = Annotated[str | None, BeforeValidator(resolve_secret)]
 
 
 class ReceiverTLSConfig(BaseModel):

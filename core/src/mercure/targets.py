@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from mercure.instances import InstanceIndex
     from mercure.jobs.task import Task
+    from mercure.patterns import TagPattern
 
 
 class TargetConfig(BaseModel):
@@ -71,6 +73,23 @@ class DeliveryJob:
     """Optional: report file names the target confirmed so far, during a long send. The
     dispatcher records them in the task file (at most about once a second), so that a
     dispatcher killed mid-send does not send them again. The final result still counts."""
+
+    def index(self) -> InstanceIndex:
+        """A file name ↔ SOP Instance UID index of ``files`` (read from their headers)."""
+        from mercure.instances import InstanceIndex
+
+        return InstanceIndex(self.files)
+
+    def render(self, pattern: TagPattern, index: InstanceIndex, name: str, **extra: str) -> str:
+        """The relative path or key of file ``name`` under ``pattern``.
+
+        Values come from the file's own header first (a processed series may carry new UIDs),
+        then from the job's tags, then ``task_id``, ``filename`` and ``extra``.
+        """
+        values: dict[str, str] = {**self.tags, "task_id": self.task_id, "filename": name}
+        values.update(index.tags(name, pattern.fields))
+        values.update(extra)
+        return pattern.render(values)
 
 
 @dataclass

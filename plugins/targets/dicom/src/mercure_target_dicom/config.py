@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mercure.config import OptionalSecret
+from mercure.secrets import OptionalSecret
 from mercure.targets import TargetConfig
 from pydantic import Field, field_validator
 

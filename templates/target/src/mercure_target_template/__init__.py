@@ -9,7 +9,7 @@ What it shows a plugin author:
 
 * a configuration model: a :class:`~mercure.targets.TargetConfig` subclass with a
   ``target_type`` literal, fields with defaults, a validator that rejects a bad value when the
-  configuration loads, and a :data:`~mercure.config.OptionalSecret` field (plaintext,
+  configuration loads, and a :data:`~mercure.secrets.OptionalSecret` field (plaintext,
   ``${env:NAME}`` or ``${file:/path}``);
 * :meth:`send` reporting per-file results, so that a retry sends only what failed, and raising
   :class:`~mercure.targets.TargetError` when nothing can be sent;
@@ -36,9 +36,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from mercure import hookimpl
-from mercure.config import OptionalSecret
 from mercure.fsutil import fsync_dir, safe_component, tmp_name
 from mercure.registry import RegisterFn
+from mercure.secrets import OptionalSecret
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig, TargetError
 from pydantic import field_validator
 
