@@ -3,6 +3,7 @@
 
     python3 dev.py run [options of `mercure run`]   set up, then start the router
     python3 dev.py test [options of pytest]         set up, then lint, type-check and test
+    python3 dev.py alone FOLDER [options of pytest] set up, then test one plugin on its own
     python3 dev.py setup                            only set up
 
 Testing runs ruff, ruff format --check and mypy over everything, pytest over the core and the
@@ -204,6 +205,12 @@ def main(argv: list[str]) -> int:
         run(rest)
     elif command == "test":
         return test(rest)
+    elif command == "alone":
+        if not rest:
+            print("usage: python3 dev.py alone plugins/<kind>/<name> [pytest options]")
+            return 2
+        setup()
+        return test_plugin_alone((ROOT / rest[0]).resolve(), rest[1:])
     elif command == "setup":
         setup()
     else:
