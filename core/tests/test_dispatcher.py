@@ -18,7 +18,14 @@ from mercure.plugins import PluginManager
 from mercure.registry import RegisterFn
 from mercure.services.dispatcher import Dispatcher, retry_delay
 from mercure.services.runtime import Runtime, build_runtime
-from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig, TargetError
+from mercure.targets import (
+    DeliveryJob,
+    DeliveryResult,
+    PermanentTargetError,
+    Target,
+    TargetConfig,
+    TargetError,
+)
 from mercure.testing import config_for
 
 Behaviour = Callable[[str, DeliveryJob], DeliveryResult]
@@ -298,6 +305,39 @@ def test_gives_up_after_retry_max_retries(
     assert any("error:" in h for h in task.history)
     errors = [e for e in probe.events if e.type == TaskEventType.MOVED_TO_ERROR]
     assert len(errors) == 1 and "refused the association" in errors[0].info
+
+
+@pytest.mark.parametrize("how", ["raised", "reported"])
+def test_permanent_failure_goes_to_error_at_once(
+    make_dispatcher: Callable[..., Dispatcher], probe: Probe, how: str
+) -> None:
+    """Wrong credentials will never work: no retry storm, error/ with the peer's reason."""
+    d = make_dispatcher(retry_max=5)
+    add_job(d.runtime, targets=["q", "p"])
+
+    def denied(name: str, job: DeliveryJob) -> DeliveryResult:
+        if name == "q":
+            return DeliveryResult.all_delivered(job)
+        if how == "raised":
+            raise PermanentTargetError("401 Unauthorized: check the target's user and password")
+        half = job.files[:2]
+        return DeliveryResult(
+            delivered=[f.name for f in half],
+            error="401 Unauthorized: check the target's user and password",
+            permanent=True,
+        )
+
+    probe.behaviour = denied
+    d.deliver(make_due(d.runtime))
+    state, task = state_of(d.runtime)
+    assert state == "error"
+    assert task.error is not None
+    assert "not retried" in task.error and "401 Unauthorized" in task.error
+    assert dispatch(task).retries == 0
+    assert len(probe.sent("p")) == 1
+    assert dispatch(task).delivered["q"] == names()
+    expected_p = [] if how == "raised" else names(2)
+    assert dispatch(task).delivered.get("p", []) == expected_p
 
 
 def test_unreadable_task_file_moves_the_job_to_error(

@@ -43,9 +43,11 @@ class TargetError(Exception):
 
 
 class PermanentTargetError(TargetError):
-    """Delivery can never succeed as configured (bad credentials, missing folder, ...).
+    """Delivery can never succeed as configured (bad credentials, access denied, ...).
 
-    The dispatcher still retries (an operator may fix the peer), but marks the reason as such.
+    The dispatcher moves the job to ``error/`` at once with this reason, without the retries
+    that could never succeed (and would hammer the peer); an operator fixes the cause and runs
+    ``mercure job retry``, which sends only what is still missing.
     """
 
 
@@ -96,12 +98,15 @@ class DeliveryJob:
 class DeliveryResult:
     """What happened to each file of a :class:`DeliveryJob`.
 
-    Files neither in ``delivered`` nor in ``failed`` count as failed with ``error``.
+    Files neither in ``delivered`` nor in ``failed`` count as failed with ``error``. Set
+    ``permanent`` when the failures can never succeed as configured (as raising
+    :class:`PermanentTargetError` does): the job goes to ``error/`` without further retries.
     """
 
     delivered: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    permanent: bool = False
 
     @classmethod
     def all_delivered(cls, job: DeliveryJob) -> DeliveryResult:

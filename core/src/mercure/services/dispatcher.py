@@ -28,7 +28,7 @@ from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
 from mercure.metrics import Metric
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
-from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles
+from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles, PermanentTargetError
 
 MAX_ATTEMPTS_KEPT = 20
 OPEN_JOB_RECHECK = 0.05
@@ -171,10 +171,17 @@ class Dispatcher(Service):
                     return  # this target wants the whole series; wait until it is complete
                 files = instance_files(ref.path)
                 errors: list[str] = []
+                permanent: list[str] = []
                 for target_name in task.target_names:
-                    error = self._deliver_to(ref, task, dispatch, target_name, files, was_open)
+                    error = self._deliver_to(
+                        ref, task, dispatch, target_name, files, was_open, permanent
+                    )
                     if error:
                         errors.append(f"{target_name}: {error}")
+                if permanent:
+                    reason = "; ".join(errors)
+                    self._to_error(ref, task, claim, f"not retried, cannot succeed: {reason}")
+                    return
                 if errors:
                     self._failed(ref, task, dispatch, claim, errors, len(files))
                     return
@@ -282,8 +289,13 @@ class Dispatcher(Service):
         target_name: str,
         files: list[Path],
         job_open: bool = False,
+        permanent: list[str] | None = None,
     ) -> str | None:
-        """Send the files ``target_name`` has not confirmed; record the result in ``task``."""
+        """Send the files ``target_name`` has not confirmed; record the result in ``task``.
+
+        A permanent failure (:class:`PermanentTargetError`, ``DeliveryResult.permanent``) adds
+        the target's name to ``permanent``.
+        """
         delivered = set(dispatch.delivered.get(target_name, []))
         pending = [f for f in files if f.name not in delivered]
         if not pending and not job_open:
@@ -324,7 +336,7 @@ class Dispatcher(Service):
             )
         except Exception as exc:
             text = str(exc).strip() or exc.__class__.__name__
-            result = DeliveryResult(error=text)
+            result = DeliveryResult(error=text, permanent=isinstance(exc, PermanentTargetError))
         confirmed = sorted(early.union(n for n in result.delivered if n in handed))
         delivered.update(confirmed)
         dispatch.delivered[target_name] = sorted(delivered)
@@ -360,6 +372,8 @@ class Dispatcher(Service):
             )
         if not still_missing:
             return None
+        if result.permanent and permanent is not None:
+            permanent.append(target_name)
         count = f"{len(still_missing)} of {len(handed)} instance(s) not delivered"
         if result.error:
             return f"{count}: {result.error}"
