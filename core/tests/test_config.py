@@ -95,6 +95,9 @@ MERCURE_RULE_DEFAULTS: dict[str, Any] = {
     "notification_trigger_completion": True,
     "notification_trigger_completion_on_request": False,
     "notification_trigger_error": True,
+    # mercure 0.4
+    "dynamic_routing": False,
+    "dynamic_routing_allowed_targets": [],
 }
 
 # common.types.Module defaults.
@@ -109,6 +112,9 @@ MERCURE_MODULE_DEFAULTS: dict[str, Any] = {
     "constraints": "",
     "resources": "",
     "requires_root": False,
+    # mercure 0.4
+    "requires_persistence": False,
+    "network_enabled": False,
 }
 
 
@@ -149,7 +155,8 @@ def test_full_mercure_json_loads_unchanged(registry: Registry) -> None:
     # Every target keeps every field it was written with, and nothing else is invented.
     assert set(config.targets) == set(data["targets"])
     for name, target in data["targets"].items():
-        assert config.targets[name].model_dump(mode="json") == target
+        # mercure 0.4 added "direction" (default "push") to every target.
+        assert config.targets[name].model_dump(mode="json") == {"direction": "push", **target}
     assert config.targets["archive_folder"].target_type == "folder"
     assert type(config.targets["test_dummy"]).__name__ == "DummyTargetConfig"
     # Rules: written fields unchanged, the others get mercure's defaults.
@@ -168,11 +175,22 @@ def test_full_mercure_json_loads_unchanged(registry: Registry) -> None:
     assert config.processing_logs.discard_logs is True
     assert config.rules["ai_lung"].targets == ["test_dummy"]
     assert config.rules["ai_lung"].modules == ["lung_ai", "anonymizer"]
-    # The only warning: study-level triggers are applied per series.
-    assert warnings == [
+    # With the core alone: study-level triggers are applied per series, and each backend that
+    # mercure's fields ask for names the distribution to install.
+    assert (
         "rules.study_rule.action_trigger: study-level triggers are not supported yet; "
         "the rule is applied to each series"
-    ]
+    ) in warnings
+    missing = {w.split(":", 1)[0]: w for w in warnings if "no installed plugin" in w}
+    assert set(missing) == {
+        "graphite_ip",
+        "influxdb_host",
+        "rules.route_ct.notification_webhook",
+        "rules.route_ct.notification_email",
+    }
+    assert "pip install mercure-metrics-graphite" in missing["graphite_ip"]
+    assert "pip install mercure-notifier-email" in missing["rules.route_ct.notification_email"]
+    assert len(warnings) == 5
 
 
 def test_full_mercure_json_survives_a_dump_and_reload(registry: Registry) -> None:

@@ -20,17 +20,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializeAsAny,
     ValidationError,
     create_model,
     model_validator,
 )
 
+from mercure.plugin_settings import PluginInstance, resolve_plugin_instances
 from mercure.secrets import OptionalSecret
 from mercure.targets import TargetConfig
 
 if TYPE_CHECKING:
-    from mercure.registry import Registry
+    from mercure.registry import Kind, Registry
 
 
 class ReceiverTLSConfig(BaseModel):
@@ -80,6 +82,8 @@ class DicomReceiverConfig(BaseModel):
 
 
 class ProcessingLogsConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     discard_logs: bool = False
     logs_file_store: str | None = None
 
@@ -99,6 +103,9 @@ class Module(BaseModel):
     constraints: str | None = ""
     resources: str | None = ""
     requires_root: bool | None = False
+    # mercure 0.4
+    requires_persistence: bool | None = False
+    network_enabled: bool | None = False
 
 
 Action = Literal["route", "both", "process", "discard", "notification"]
@@ -134,6 +141,9 @@ class Rule(BaseModel):
     notification_trigger_completion: bool = True
     notification_trigger_completion_on_request: bool = False
     notification_trigger_error: bool = True
+    # mercure 0.4
+    dynamic_routing: bool = False
+    dynamic_routing_allowed_targets: list[str] = []
 
     @property
     def targets(self) -> list[str]:
@@ -197,6 +207,15 @@ class Config(BaseModel):
     email_notification_from: str = "mercure@mercure.mercure"
     support_root_modules: bool | None = False
     webhook_certificate_location: str | None = None
+    # mercure 0.4
+    appliance_color: str = "#FFF"
+    jobs_folder: str = "/opt/mercure/data/jobs"
+    persistence_folder: str = "/opt/mercure/persistence"
+    phi_notifications: bool = False
+    server_time: str = "UTC"
+    local_time: str = "UTC"
+    dicom_retrieve: dict[str, Any] = {}
+    store_sample_dicom_tags: bool = False
 
     # Added by this project (mercure ignores them).
     plugin_folder: str | None = None
@@ -205,10 +224,19 @@ class Config(BaseModel):
     early_dispatch: bool = True
     """Start sending a series to targets that can stream while it still arrives."""
     log_level: str = "INFO"
+    plugins: dict[str, dict[str, dict[str, Any]]] = {}
+    """Settings of runner, notifier, metrics-sink and receiver instances that mercure has no
+    field for, keyed by kind and instance name (:mod:`mercure.plugin_settings`)."""
+
+    _instances: dict[str, list[PluginInstance]] = PrivateAttr(default_factory=dict)
 
     def folder(self, name: str) -> Path:
         """A spool folder by mercure's short name (``incoming``, ``outgoing``, ...)."""
         return Path(getattr(self, f"{name}_folder"))
+
+    def plugin_instances(self, kind: Kind) -> list[PluginInstance]:
+        """The configured instances of ``kind`` with their validated settings."""
+        return list(self._instances.get(kind, []))
 
 
 class ConfigError(Exception):
@@ -319,9 +347,16 @@ def validate_config(
         # error per member; report it once, at its JSON path.
         errors.extend((path, " or ".join(msgs)) for path, msgs in by_path.items())
 
+    instances, instance_errors, instance_warnings = resolve_plugin_instances(raw, registry)
+    errors.extend(instance_errors)
+    warnings.extend(instance_warnings)
     if config is not None:
         errors.extend(_check_references(config, registry))
+        unknown_errors, unknown_warnings = _unknown_keys(config)
+        errors.extend(unknown_errors)
+        warnings.extend(unknown_warnings)
         warnings.extend(_warnings(config))
+        config._instances = dict(instances)
     if errors:
         raise ConfigError(source, errors)
     assert config is not None
@@ -378,10 +413,40 @@ def _check_references(config: Config, registry: Registry) -> list[tuple[str, str
     return errors
 
 
+def _unknown_keys(config: Config) -> tuple[list[tuple[str, str]], list[str]]:
+    """Keys no model knows: an error when it looks like a misspelling, else a warning.
+
+    mercure's own models accept unknown keys in these sections (newer mercure versions add
+    fields), so an unrelated key only warns; but ``notification_trigger_eror`` would silently
+    leave the real setting at its default, so a key close to a known one is an error.
+    """
+    import difflib
+
+    errors: list[tuple[str, str]] = []
+    warnings: list[str] = []
+
+    def check(path: str, model: BaseModel) -> None:
+        known = list(type(model).model_fields)
+        for key in sorted(model.model_extra or {}):
+            where = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            if close:
+                errors.append((where, f"unknown setting; did you mean '{close[0]}'?"))
+            else:
+                warnings.append(f"{where}: unknown setting, ignored")
+
+    check("", config)
+    check("dicom_receiver", config.dicom_receiver)
+    check("processing_logs", config.processing_logs)
+    for name, rule in config.rules.items():
+        check(f"rules.{name}", rule)
+    for name, module in config.modules.items():
+        check(f"modules.{name}", module)
+    return errors, warnings
+
+
 def _warnings(config: Config) -> list[str]:
     warnings: list[str] = []
-    for key in sorted(config.model_extra or {}):
-        warnings.append(f"{key}: unknown setting, ignored")
     for name, rule in config.rules.items():
         if rule.action_trigger == "study" and not rule.disabled:
             warnings.append(

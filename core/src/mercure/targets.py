@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,8 @@ class TargetConfig(BaseModel):
 
     contact: str | None = ""
     comment: str = ""
+    direction: Literal["push", "pull", "both"] = "push"
+    """mercure 0.4: whether the router sends to (push) or queries (pull) this node."""
     # Set by each subclass as ``target_type: Literal["name"] = "name"``.
     target_type: str
 
