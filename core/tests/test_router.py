@@ -36,16 +36,14 @@ CT_TAGS = {
 
 
 class Recorder:
-    """Records task events and notifications (a plugin: observer + notifier)."""
+    """Records task events (an observer) and provides a notifier type the rules can queue for."""
 
     def __init__(self) -> None:
         self.events: list[TaskEvent] = []
-        self.notifications: list[Notification] = []
-        recorder = self
 
-        class RecordingNotifier(Notifier):
-            def notify(self, notification: Notification) -> None:
-                recorder.notifications.append(notification)
+        class RecordingNotifier(Notifier[Any]):
+            def send(self, notification: Notification) -> str:
+                return "recorded"
 
         self.notifier = RecordingNotifier
 
@@ -57,8 +55,13 @@ class Recorder:
     def register_notifiers(self, register: RegisterFn) -> None:
         register("recording", None, self.notifier)
 
-    def notified(self, event: str) -> list[str]:
-        return [n.rule_name for n in self.notifications if n.event == event]
+    @staticmethod
+    def notified(rt: Runtime, event: str) -> list[str]:
+        """Rules whose ``event`` notification the router queued in the outbox."""
+        entries = [json.loads(p.read_text()) for p in rt.outbox.due(now=float("inf"))]
+        return [
+            e["notification"]["rule_name"] for e in entries if e["notification"]["event"] == event
+        ]
 
 
 @pytest.fixture
@@ -81,6 +84,8 @@ def make_config(
         "d": {"target_type": "dummy"},
     }
     overrides.setdefault("series_complete_trigger", 0)
+    if "recording" in plugin_manager.registry.names("notifier"):
+        overrides.setdefault("plugins", {"notifiers": {"recording": {}}})
     return config_for(
         tmp_path,
         targets=targets,
@@ -329,7 +334,7 @@ def test_every_action_end_to_end(
     assert sorted(e.target for e in routed) == ["a", "b"]
     assert all(e.file_count == 4 for e in routed)
     assert len([e for e in recorder.events if e.type == TaskEventType.QUEUED_FOR_PROCESSING]) == 2
-    assert sorted(recorder.notified("reception")) == ["both", "proc", "route_ab", "route_b"]
+    assert sorted(recorder.notified(rt, "reception")) == ["both", "proc", "route_ab", "route_b"]
 
 
 def test_unmatched_series_goes_to_discard_with_its_files(
@@ -401,7 +406,7 @@ def test_notification_rule_fires_next_to_a_routing_rule(
     found = jobs(rt)
     assert len(found["outgoing"]) == 1
     assert found["discard"] == []
-    assert sorted(recorder.notified("reception")) == ["route", "tell"]
+    assert sorted(recorder.notified(rt, "reception")) == ["route", "tell"]
 
 
 def test_notification_only_series_is_kept_in_discard(
@@ -425,7 +430,7 @@ def test_notification_only_series_is_kept_in_discard(
     assert task.info.action == "notification"
     assert [p.name for p in instance_files(ref.path)] == sorted(names)
     # A notification rule always notifies on reception.
-    assert recorder.notified("reception") == ["tell"]
+    assert recorder.notified(rt, "reception") == ["tell"]
 
 
 LUNG_RULE = "tags.Modality == 'CT' and tags.SeriesDescription == 'LUNG'"

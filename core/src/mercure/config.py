@@ -224,6 +224,11 @@ class Config(BaseModel):
     early_dispatch: bool = True
     """Start sending a series to targets that can stream while it still arrives."""
     log_level: str = "INFO"
+    outbox_folder: str = ""
+    """Durable queue of notifications; empty: ``outbox`` beside ``outgoing_folder``."""
+    notification_retries: int = Field(default=8, ge=1)
+    notification_retry_delay: float = Field(default=5.0, gt=0)
+    metrics_interval: float = Field(default=10.0, gt=0)
     plugins: dict[str, dict[str, dict[str, Any]]] = {}
     """Settings of runner, notifier, metrics-sink and receiver instances that mercure has no
     field for, keyed by kind and instance name (:mod:`mercure.plugin_settings`)."""

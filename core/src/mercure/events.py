@@ -22,6 +22,8 @@ class TaskEventType(StrEnum):
     QUEUED_FOR_PROCESSING = "process"
     NOTIFICATION = "notification"
     MANUAL_RETRY = "retry"
+    NOTIFICATION_SENT = "notification_sent"
+    NOTIFICATION_GIVEN_UP = "notification_given_up"
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,106 @@
-"""The contract for notifiers (webhook, e-mail, log): tell people what happened to a job."""
+"""The contract for notifiers (webhook, e-mail, log): tell people what happened to a job.
+
+The router and the dispatcher never call a notifier. They render a rule's notification once
+(:func:`mercure.payloads.render_notification`, mercure's templates exactly), hand it to the
+durable outbox on the spool and go on. The outbox worker (service ``notifier``) then calls
+:meth:`Notifier.send` of each configured notifier that :meth:`Notifier.wants` it, retries with
+backoff, and records "delivered" or "given up, why".
+
+Threading: the worker calls ``send`` from one thread per process at a time, but several
+processes may run workers on one spool; a notifier needs no locking of its own.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from mercure.config import Config, Rule
+from mercure.lifecycle import Plugin, SettingsT
 
 NotificationEvent = Literal["reception", "completion", "error"]
+#: mercure's names of the events, as templates see them (``{{ event }}``, ``@event@``).
+EVENT_NAMES: dict[NotificationEvent, str] = {
+    "reception": "RECEIVED",
+    "completion": "COMPLETED",
+    "error": "ERROR",
+}
 
 
 @dataclass(frozen=True)
 class Notification:
-    """A rule's notification for one job, with mercure's payload fields."""
+    """One rule's notification for one job, rendered when it was queued.
+
+    ``webhook_*`` are set when the rule has ``notification_webhook``; ``email_*`` when it has
+    ``notification_email``. ``problem`` says why a part could not be rendered (an invalid
+    ``notification_payload``): the worker records it as given up rather than sending garbage.
+    """
 
     event: NotificationEvent
     rule_name: str
-    rule: Rule
     task_id: str
     details: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+    webhook_url: str = ""
+    webhook_payload: Any = None
+    email_to: tuple[str, ...] = ()
+    email_subject: str = ""
+    email_body: str = ""
+    email_type: str = "plain"
+    problem: str | None = None
+
+    @property
+    def event_name(self) -> str:
+        return EVENT_NAMES[self.event]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["email_to"] = list(self.email_to)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Notification:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["email_to"] = tuple(known.get("email_to", ()))
+        return cls(**known)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
 
 
-class Notifier(ABC):
-    """Delivers notifications; decides from the rule whether it is asked for."""
+class NotificationError(Exception):
+    """Sending failed for a reason worth retrying (server down, timeout, 5xx, 429)."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+
+class PermanentNotificationError(NotificationError):
+    """Sending can never succeed as configured (404, bad credentials): given up at once."""
+
+
+class Notifier(Plugin[SettingsT], ABC):
+    """Delivers rendered notifications; see the module docstring for the lifecycle."""
+
+    def wants(self, notification: Notification) -> bool:
+        """Whether this notifier has something to send for ``notification`` (quick, no I/O)."""
+        return True
 
     @abstractmethod
-    def notify(self, notification: Notification) -> None:
-        """Send the notification; raise on failure (the caller logs it, the job goes on)."""
+    def send(self, notification: Notification) -> str:
+        """Deliver it; return a short receipt ("HTTP 200", "2 recipients accepted").
+
+        Raise :class:`NotificationError` to be retried, :class:`PermanentNotificationError`
+        to give up at once; any other exception counts as retryable.
+        """
+
+
+__all__ = [
+    "EVENT_NAMES",
+    "Notification",
+    "NotificationError",
+    "NotificationEvent",
+    "Notifier",
+    "PermanentNotificationError",
+]

@@ -1,19 +1,50 @@
-"""The contract for processing runners (docker, nomad, local): run a module over a job folder."""
+"""The contract for processing runners (local, docker, nomad): run one module over a job folder.
+
+The processor prepares a :class:`ProcessingRun` (input folder with the instances, their tags
+and ``task.json``; an empty output folder; the module's settings and environment) and asks the
+configured runner to :meth:`Runner.launch` it. The returned handle (a process id, a container
+id, a Nomad job id) is written to the job before the processor waits, so a processor that was
+restarted while a module ran calls :meth:`Runner.wait` with that handle again instead of
+starting the module twice. The processor enforces the module's timeout by calling
+:meth:`Runner.cancel`.
+
+Threading: one runner instance serves every processor thread of its process; ``launch``,
+``wait`` and ``cancel`` may be called concurrently for different handles.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mercure.lifecycle import Plugin, SettingsT
+
 if TYPE_CHECKING:
-    from mercure.config import Config, Module
+    from mercure.config import Module
+
+#: Where mercure mounts a module's folders inside its container.
+CONTAINER_IN_DIR = "/tmp/data"
+CONTAINER_OUT_DIR = "/tmp/output"
+CONTAINER_PERSISTENCE_DIR = "/tmp/persistence"
+
+
+def folder_environment(in_dir: str, out_dir: str) -> dict[str, str]:
+    """mercure's folder variables for a module, with the MONAI and Holoscan aliases."""
+    return {
+        "MERCURE_IN_DIR": in_dir,
+        "MERCURE_OUT_DIR": out_dir,
+        "MONAI_INPUTPATH": in_dir,
+        "MONAI_OUTPUTPATH": out_dir,
+        "HOLOSCAN_INPUT_PATH": in_dir,
+        "HOLOSCAN_OUTPUT_PATH": out_dir,
+    }
 
 
 @dataclass(frozen=True)
 class ProcessingRun:
-    """One module run: input folder (instances + task.json) and the output folder to fill."""
+    """One module run, prepared by the processor."""
 
     task_id: str
     module_name: str
@@ -21,14 +52,81 @@ class ProcessingRun:
     input_folder: Path
     output_folder: Path
     settings: dict[str, Any]
+    step: int = 0
+    """Position in a chain of modules (0 for the first or only one)."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """The module's own environment (its ``environment`` setting); the runner adds
+    :func:`folder_environment` for the paths the module sees."""
+    persistence_folder: Path | None = None
+    """Host folder to mount for a module with ``requires_persistence``."""
+    timeout: float = 0.0
+    """Seconds the processor allows; 0: no limit. The processor cancels, not the runner."""
+    allow_root: bool = False
+    """``support_root_modules``: the module may run as root if it ``requires_root``."""
 
 
-class Runner(ABC):
-    """Runs processing modules; a container reads ``/tmp/data``, writes ``/tmp/output``."""
+@dataclass
+class RunOutcome:
+    """How a run ended: the module's exit code and log, or why it never got to exit."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    exit_code: int | None
+    log: str = ""
+    error: str | None = None
+    """The runner's own reason when the module did not run to an exit code (image missing,
+    allocation lost, cancelled); ``exit_code`` is then ``None``."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None and self.exit_code == 0
+
+
+class RunnerError(Exception):
+    """A run could not be started or followed (engine down, image missing, token expired).
+
+    The message is recorded with the job; say what failed and what the operator can do.
+    """
+
+
+class Runner(Plugin[SettingsT], ABC):
+    """Runs processing modules; see the module docstring for the threading rules."""
+
+    @classmethod
+    def check_module(
+        cls, settings: SettingsT | None, name: str, module: Module
+    ) -> list[tuple[str, str]]:
+        """Configuration errors of one module for this runner: ``(field, message)`` pairs.
+
+        Called when the configuration loads (``mercure config check`` included), for every
+        module, so that a disallowed ``docker_arguments`` is reported before any job runs.
+        """
+        return []
 
     @abstractmethod
-    def run(self, run: ProcessingRun) -> int:
-        """Run the module to completion and return its exit code."""
+    def launch(self, run: ProcessingRun) -> str:
+        """Start the module and return a handle that identifies the run across restarts."""
+
+    @abstractmethod
+    def wait(self, handle: str, timeout: float) -> RunOutcome | None:
+        """Wait up to ``timeout`` seconds; the outcome once the run ended, else ``None``.
+
+        Must work for a handle returned by another process (the processor restarted).
+        """
+
+    @abstractmethod
+    def cancel(self, handle: str) -> None:
+        """Stop the run (and everything it started); waiting afterwards returns its outcome."""
+
+    def cleanup(self, handle: str) -> None:
+        """Remove what the run left (a stopped container) once its outcome was recorded."""
+
+
+__all__ = [
+    "CONTAINER_IN_DIR",
+    "CONTAINER_OUT_DIR",
+    "CONTAINER_PERSISTENCE_DIR",
+    "ProcessingRun",
+    "RunOutcome",
+    "Runner",
+    "RunnerError",
+    "folder_environment",
+]

@@ -13,9 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+from mercure.lifecycle import PluginContext
 
 if TYPE_CHECKING:
     from mercure.instances import InstanceIndex
@@ -119,17 +121,22 @@ ConfigT = TypeVar("ConfigT", bound=TargetConfig)
 
 
 class Target(ABC, Generic[ConfigT]):
-    """One configured target. ``send`` may be called from several threads at once."""
+    """One configured target, created once per process and closed on shutdown.
+
+    ``send`` may be called from several dispatcher threads at once (``dispatcher_workers``),
+    for different jobs: a client that is not thread-safe (a paramiko ``SSHClient``) must be
+    kept per thread or behind a lock. ``test_connection`` may run beside them.
+    """
 
     #: True for targets that can send instances while the rest of the series still arrives
     #: (they keep their connection open and call ``DeliveryJob.more``). Others get a job only
     #: once its series is complete.
     streaming: ClassVar[bool] = False
 
-    def __init__(self, name: str, config: ConfigT, context: Mapping[str, Any] | None = None):
+    def __init__(self, name: str, config: ConfigT, context: PluginContext | None = None):
         self.name = name
         self.config = config
-        self.context: Mapping[str, Any] = context or {}
+        self.context = context or PluginContext("target", name)
 
     @abstractmethod
     def send(self, job: DeliveryJob) -> DeliveryResult:
@@ -142,5 +149,8 @@ class Target(ABC, Generic[ConfigT]):
         """
         return "no connection test for this target type"
 
+    def start(self) -> None:
+        """Called once before the first ``send``; connections may also be opened lazily."""
+
     def close(self) -> None:
-        """Release connections or clients held between jobs."""
+        """Release connections or clients held between jobs (called once, on shutdown)."""

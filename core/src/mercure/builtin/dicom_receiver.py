@@ -24,12 +24,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mercure import dimse_tuning, hookimpl
-from mercure.config import Config, ReceiverTLSConfig
+from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
 from mercure.jobs.incoming import IncomingSpool
 from mercure.logs import get_logger
-from mercure.receivers import Receiver
+from mercure.receivers import Receiver, ReceiverContext
 from mercure.registry import RegisterFn
 from mercure.tags import read_tags, with_receiver_tags
 
@@ -188,12 +188,31 @@ class _MetaBuffer:
         return b"".join(self.parts)
 
 
-class DicomReceiver(Receiver):
+class DicomReceiverSettings(DicomReceiverConfig):
+    """mercure's ``dicom_receiver`` section plus the top-level fields the receiver uses."""
+
+    port: int = 11112
+    accept_compressed_images: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> DicomReceiverSettings:
+        return cls.model_validate(
+            {
+                **config.dicom_receiver.model_dump(),
+                "port": config.port,
+                "accept_compressed_images": config.accept_compressed_images,
+            }
+        )
+
+
+class DicomReceiver(Receiver[DicomReceiverSettings]):
     """pynetdicom SCP on ``config.port`` (and a DICOM TLS port when configured)."""
 
-    def __init__(self, config: Config, spool: IncomingSpool) -> None:
-        super().__init__(config, spool)
-        self.settings = config.dicom_receiver
+    def __init__(
+        self, name: str, settings: DicomReceiverSettings, context: ReceiverContext
+    ) -> None:
+        super().__init__(name, settings, context)
+        self.config = settings  # port, accept_compressed_images
         self.extra_tags = list(self.settings.additional_tags)
         self.servers: list[ThreadedAssociationServer] = []
         self.on_stored: Callable[[str, str], None] | None = None
@@ -381,4 +400,10 @@ class DicomReceiver(Receiver):
 
 @hookimpl
 def register_receivers(register: RegisterFn) -> None:
-    register("dicom", None, DicomReceiver)
+    register("dicom", DicomReceiverSettings, DicomReceiver)
+
+
+def dicom_receiver_for(config: Config, spool: IncomingSpool) -> DicomReceiver:
+    """The built-in receiver as mercure's ``port`` and ``dicom_receiver`` configure it."""
+    context = ReceiverContext("receiver", "dicom", config.appliance_name, spool=spool)
+    return DicomReceiver("dicom", DicomReceiverSettings.from_config(config), context)

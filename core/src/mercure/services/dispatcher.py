@@ -25,7 +25,6 @@ from mercure.jobs.claims import Claim
 from mercure.jobs.incoming import instance_files, instance_names
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
-from mercure.metrics import Metric
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
 from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles, PermanentTargetError
@@ -212,13 +211,11 @@ class Dispatcher(Service):
                     ", ".join(task.target_names),
                     len(files),
                     tags=task.tags,
+                    extra={"duration": time.time() - task.created_at} if task.created_at else {},
                 )
             )
             for rule in self._rules(task):
                 self.runtime.notify_rule("completion", rule, ref.id, task.tags)
-            self.runtime.metrics(
-                Metric("dispatcher.jobs_delivered", 1, {"target": ",".join(task.target_names)})
-            )
 
     def _write_unless_full(self, ref: JobRef, task: Task, log: Any, warned: bool) -> bool:
         """Write the task file; False (logged once) if the disk is full, other errors raise."""
@@ -433,4 +430,3 @@ class Dispatcher(Service):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.runtime.close()

@@ -30,7 +30,7 @@ START_TIMEOUT = 30.0
 
 def _worker(config_data: dict[str, Any], port: int, fsync: bool) -> None:
     """Body of one extra receiver process (started with ``spawn``: no inherited threads)."""
-    from mercure.builtin.dicom_receiver import DicomReceiver
+    from mercure.builtin.dicom_receiver import dicom_receiver_for
     from mercure.plugins import build_plugin_manager
 
     stop = threading.Event()
@@ -41,7 +41,7 @@ def _worker(config_data: dict[str, Any], port: int, fsync: bool) -> None:
         plugins.load_site_plugins(Path(config_data["plugin_folder"]))
     config, _ = validate_config(config_data, plugins.registry, "(receiver process)")
     configure_logging(config.log_level)
-    receiver = DicomReceiver(config, IncomingSpool(config.folder("incoming"), fsync=fsync))
+    receiver = dicom_receiver_for(config, IncomingSpool(config.folder("incoming"), fsync=fsync))
     receiver.reuse_port = True
     receiver.start()
     sys.stdout.write(READY)

@@ -37,6 +37,7 @@ from mercure.jobs.incoming import (
 )
 from mercure.jobs.store import State
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, TaskProcessing
+from mercure.metrics import Metric
 from mercure.rules import RuleResult, compile_rule
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
@@ -341,6 +342,10 @@ class Router(Service):
             self.log.info("empty series folder removed", folder=folder.name)
             return
         store = self.runtime.store
+        self.runtime.metrics(
+            Metric("incoming.series", 1, service="router"),
+            Metric("incoming.files", len(files), service="router"),
+        )
         notified: set[str] = set()
         for job in plan:
             task = Task.model_validate(job.task)

@@ -1,19 +1,31 @@
-"""What every service needs: configuration, plugins, spool folders, and event fan-out."""
+"""What every service needs: configuration, plugin instances, spool folders, and event fan-out.
+
+Plugin instances are created once per process from their validated settings (never the whole
+configuration) and closed on shutdown. Notifications go to the durable outbox, metrics to the
+bounded metrics hub: neither makes a service wait.
+"""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mercure.config import Config, Rule
 from mercure.events import TaskEvent
 from mercure.jobs.incoming import IncomingSpool
-from mercure.jobs.store import JobStore
+from mercure.jobs.store import STATES, JobStore
+from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
 from mercure.metrics import Metric, MetricsSink
-from mercure.notifiers import Notification, NotificationEvent, Notifier
+from mercure.metrics_hub import MetricsHub, metrics_for_event
+from mercure.notifiers import NotificationEvent, Notifier
+from mercure.outbox import Outbox
+from mercure.payloads import render_notification
 from mercure.plugins import PluginManager
+from mercure.registry import Kind
 from mercure.targets import Target
 
 log = get_logger("mercure.runtime")
@@ -27,11 +39,21 @@ class Runtime:
     plugins: PluginManager
     store: JobStore
     spool: IncomingSpool
+    outbox: Outbox
     fsync: bool = True
+    metrics_hub: MetricsHub = field(default_factory=lambda: MetricsHub([]))
     _targets: dict[str, Target[Any]] = field(default_factory=dict)
-    _notifiers: list[Notifier] | None = None
-    _sinks: list[MetricsSink] | None = None
+    _notifiers: dict[str, Notifier[Any]] | None = None
+    _started_notifiers: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _started: bool = False
+
+    # -- plugin instances ----------------------------------------------------------------------
+
+    def context(self, kind: Kind, name: str) -> PluginContext:
+        """The context handed to one plugin instance."""
+        state = self.outbox.folder.parent / "plugin-state" / kind / name
+        return PluginContext(kind, name, self.config.appliance_name, state)
 
     def target(self, name: str) -> Target[Any]:
         """The implementation object of a configured target (created once, then reused)."""
@@ -42,14 +64,68 @@ class Runtime:
             target_config = self.config.targets[name]
             plugin_type = self.plugins.registry.get("target", target_config.target_type)
             impl: Target[Any] = plugin_type.implementation(
-                name, target_config, {"config": self.config}
+                name, target_config, self.context("target", name)
             )
             self._targets[name] = impl
             return impl
 
+    def _notifier_instances(self) -> dict[str, Notifier[Any]]:
+        with self._lock:
+            if self._notifiers is None:
+                made: dict[str, Notifier[Any]] = {}
+                for inst in self.config.plugin_instances("notifier"):
+                    impl = self.plugins.registry.get("notifier", inst.type_name).implementation
+                    made[inst.name] = impl(
+                        inst.name, inst.settings, self.context("notifier", inst.name)
+                    )
+                self._notifiers = made
+            return self._notifiers
+
+    def notifier(self, name: str) -> Notifier[Any]:
+        """A configured notifier, started on first use; ``KeyError`` if not configured."""
+        notifier = self._notifier_instances()[name]
+        with self._lock:
+            if name not in self._started_notifiers:
+                notifier.start()
+                self._started_notifiers.add(name)
+        return notifier
+
+    def start(self) -> None:
+        """Start the metrics sinks (each on its own thread) and the periodic gauges."""
+        if self._started:
+            return
+        self._started = True
+        sinks: list[tuple[str, MetricsSink[Any]]] = []
+        for inst in self.config.plugin_instances("metrics_sink"):
+            impl = self.plugins.registry.get("metrics_sink", inst.type_name).implementation
+            sink: MetricsSink[Any] = impl(
+                inst.name, inst.settings, self.context("metrics_sink", inst.name)
+            )
+            try:
+                sink.start()
+            except Exception as exc:
+                # A sink that cannot start must not stop the router: its metrics are lost.
+                log.error("metrics sink did not start; it gets no metrics", sink=inst.name,
+                          error=f"{exc.__class__.__name__}: {exc}")  # fmt: skip
+                continue
+            sinks.append((inst.name, sink))
+        self.metrics_hub = MetricsHub(sinks)
+        self.metrics_hub.add_gauges(self.config.metrics_interval, self.gauges)
+        self.metrics_hub.start()
+
+    # -- events, notifications, metrics --------------------------------------------------------
+
     def emit(self, event: TaskEvent) -> None:
-        """Tell every ``on_task_event`` observer; failures are logged, never raised."""
+        """Derive metrics, then tell every ``on_task_event`` observer; never raises."""
+        try:
+            self.metrics_hub.record(*metrics_for_event(event))
+        except Exception as exc:  # metrics are best effort
+            log.warning("metrics from an event failed", error=str(exc))
         self.plugins.notify("on_task_event", event=event)
+
+    def metrics(self, *metrics: Metric) -> None:
+        """Record metrics for the sinks; never blocks, never raises."""
+        self.metrics_hub.record(*metrics)
 
     def notify_rule(
         self,
@@ -58,48 +134,73 @@ class Runtime:
         task_id: str,
         tags: dict[str, str],
         details: str = "",
-    ) -> None:
-        """Send a rule's notification (if the rule asks for this event) to every notifier."""
+        *,
+        always: bool = False,
+    ) -> int:
+        """Queue a rule's notification (if the rule asks for this event) in the outbox.
+
+        Rendered now, with mercure's templates; each configured notifier that wants it gets
+        its own durable entry. Returns how many entries were queued. ``always`` sends whatever
+        the rule's trigger says (completion on request, notification-only rules).
+        """
         rule: Rule | None = self.config.rules.get(rule_name)
         if rule is None:
-            return
+            return 0
         wanted = {
             "reception": rule.notification_trigger_reception,
             "completion": rule.notification_trigger_completion,
             "error": rule.notification_trigger_error,
         }[event]
-        if not wanted and rule.action != "notification":
-            return
-        if self._notifiers is None:
-            self._notifiers = [
-                t.implementation(self.config)
-                for t in self.plugins.registry.types["notifier"].values()
-            ]
-        note = Notification(event, rule_name, rule, task_id, details, dict(tags))
-        for notifier in self._notifiers:
+        if not (wanted or always or rule.action == "notification"):
+            return 0
+        note = render_notification(
+            event,
+            rule_name,
+            rule,
+            task_id,
+            details=details,
+            patient={
+                "acc": tags.get("AccessionNumber"),
+                "mrn": tags.get("PatientID"),
+                "patient_name": tags.get("PatientName"),
+            },
+            device_serial_number=tags.get("DeviceSerialNumber"),
+            phi=self.config.phi_notifications,
+        )
+        queued = 0
+        for name, notifier in self._notifier_instances().items():
             try:
-                notifier.notify(note)
+                if not notifier.wants(note):
+                    continue
+                self.outbox.put(name, note)
+                queued += 1
             except Exception as exc:
-                log.warning(
-                    "notification failed",
-                    notifier=type(notifier).__name__,
+                log.error(
+                    "notification could not be queued",
                     rule=rule_name,
                     task_id=task_id,
-                    error=str(exc),
+                    notifier=name,
+                    error=f"{exc.__class__.__name__}: {exc}",
                 )
+        return queued
 
-    def metrics(self, *metrics: Metric) -> None:
-        if self._sinks is None:
-            sinks = [
-                t.implementation(self.config)
-                for t in self.plugins.registry.types["metrics_sink"].values()
-            ]
-            self._sinks = [s for s in sinks if s.enabled]
-        for sink in self._sinks:
-            try:
-                sink.send(list(metrics))
-            except Exception as exc:
-                log.warning("metrics sink failed", sink=type(sink).__name__, error=str(exc))
+    def gauges(self) -> list[Metric]:
+        """Jobs per state, queue depths and spool disk space, as gauges."""
+        found: list[Metric] = []
+        for state in STATES:
+            count = sum(1 for _ in self.store.list([state]))
+            found.append(Metric(f"jobs.{state}", count, kind="gauge", service="spool"))
+        incoming = len(self.spool.series())
+        found.append(Metric("queue.incoming_series", incoming, kind="gauge", service="spool"))
+        found.append(Metric("queue.notifications", self.outbox.count(), kind="gauge",
+                            service="spool"))  # fmt: skip
+        usage = shutil.disk_usage(self.config.folder("incoming"))
+        found.append(Metric("spool.free_bytes", usage.free, kind="gauge", service="spool"))
+        found.append(
+            Metric("spool.free_percent", 100.0 * usage.free / max(usage.total, 1), kind="gauge",
+                   service="spool")
+        )  # fmt: skip
+        return found
 
     def close(self) -> None:
         for target in self._targets.values():
@@ -107,9 +208,26 @@ class Runtime:
                 target.close()
             except Exception as exc:
                 log.warning("closing target failed", target=target.name, error=str(exc))
+        for name in sorted(self._started_notifiers):
+            try:
+                (self._notifiers or {})[name].close()
+            except Exception as exc:
+                log.warning("closing notifier failed", notifier=name, error=str(exc))
+        self._started_notifiers.clear()
+        self.metrics_hub.close()
+
+
+def outbox_folder(config: Config) -> Path:
+    """``outbox_folder``, or ``outbox`` beside ``outgoing/`` when it is not set."""
+    if config.outbox_folder:
+        return Path(config.outbox_folder)
+    return config.folder("outgoing").parent / "outbox"
 
 
 def build_runtime(config: Config, plugins: PluginManager, *, fsync: bool = True) -> Runtime:
     store = JobStore.from_config(config, fsync=fsync)
     spool = IncomingSpool(config.folder("incoming"), fsync=fsync)
-    return Runtime(config=config, plugins=plugins, store=store, spool=spool, fsync=fsync)
+    outbox = Outbox(outbox_folder(config), fsync=fsync)
+    return Runtime(
+        config=config, plugins=plugins, store=store, spool=spool, outbox=outbox, fsync=fsync
+    )

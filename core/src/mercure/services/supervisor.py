@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
-from mercure.builtin.dicom_receiver import DicomReceiver
+from mercure.builtin.dicom_receiver import dicom_receiver_for
 from mercure.logs import get_logger
-from mercure.receivers import Receiver
+from mercure.metrics import Metric
+from mercure.receivers import Receiver, ReceiverContext
 from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
 from mercure.services.dispatcher import Dispatcher
+from mercure.services.notifier import NotifierService
 from mercure.services.receiver_pool import ReceiverPool
 from mercure.services.router import Router
 from mercure.services.runtime import Runtime
 
-SERVICES = ("receiver", "router", "dispatcher", "cleaner")
+SERVICES = ("receiver", "router", "dispatcher", "cleaner", "notifier")
 log = get_logger("mercure.run")
+RUN_EVENT_INTERVAL = 60.0
+"""mercure sends ``events.run`` once a minute from each running service: a heartbeat."""
 
 
 class Supervisor:
@@ -38,13 +43,17 @@ class Supervisor:
 
     def start(self) -> None:
         rt = self.runtime
+        rt.start()
         rt.plugins.notify("on_startup", config=rt.config, services=self.names)
+        rt.metrics(*(Metric("events.boot", 1, service=name) for name in self.names))
         if "router" in self.names:
             self.services.append(Router(rt))
         if "dispatcher" in self.names:
             self.services.append(Dispatcher(rt))
         if "cleaner" in self.names:
             self.services.append(Cleaner(rt))
+        if "notifier" in self.names:
+            self.services.append(NotifierService(rt))
         router = next((s for s in self.services if isinstance(s, Router)), None)
         dispatcher = next((s for s in self.services if isinstance(s, Dispatcher)), None)
         if router is not None and dispatcher is not None:
@@ -52,16 +61,22 @@ class Supervisor:
         for service in self.services:
             service.start()
         if "receiver" in self.names:
-            for plugin_type in rt.plugins.registry.types["receiver"].values():
-                receiver: Receiver = plugin_type.implementation(rt.config, rt.spool)
-                extra = rt.config.dicom_receiver.processes - 1
-                if extra and isinstance(receiver, DicomReceiver):
-                    receiver.reuse_port = True
+            dicom = dicom_receiver_for(rt.config, rt.spool)
+            extra = rt.config.dicom_receiver.processes - 1
+            dicom.reuse_port = bool(extra)
+            dicom.start()
+            self.receivers.append(dicom)
+            if extra:
+                self.pool = ReceiverPool(rt.config, dicom.port, extra, fsync=rt.fsync)
+                self.pool.start()
+            for inst in rt.config.plugin_instances("receiver"):
+                impl = rt.plugins.registry.get("receiver", inst.type_name).implementation
+                context = ReceiverContext(
+                    "receiver", inst.name, rt.config.appliance_name, spool=rt.spool
+                )
+                receiver: Receiver[Any] = impl(inst.name, inst.settings, context)
                 receiver.start()
                 self.receivers.append(receiver)
-                if extra and isinstance(receiver, DicomReceiver):
-                    self.pool = ReceiverPool(rt.config, receiver.port, extra, fsync=rt.fsync)
-                    self.pool.start()
         log.info("services started", services=self.names)
 
     def stop(self) -> None:
@@ -73,6 +88,8 @@ class Supervisor:
             receiver.stop()
         for service in self.services:
             service.stop()
+        self.runtime.metrics(*(Metric("events.shutdown", 1, service=n) for n in self.names))
+        self.runtime.close()
         self.stopped.set()
         log.info("services stopped")
 
@@ -88,8 +105,12 @@ class Supervisor:
         signal.signal(signal.SIGINT, handle)
         self.start()
         try:
+            last_run = time.monotonic()
             while not stop.wait(1.0):
                 if self.pool is not None:
                     self.pool.check()
+                if time.monotonic() - last_run >= RUN_EVENT_INTERVAL:
+                    last_run = time.monotonic()
+                    self.runtime.metrics(*(Metric("events.run", 1, service=n) for n in self.names))
         finally:
             self.stop()

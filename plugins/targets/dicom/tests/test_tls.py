@@ -287,7 +287,7 @@ def test_receiver_refuses_tls_clients_without_certificate_and_plain_dicom(
 
 
 def test_receiver_with_missing_certificate_file_fails_to_start(tmp_path: Path, certs: Any) -> None:
-    from mercure.builtin.dicom_receiver import DicomReceiver, ReceiverStartError
+    from mercure.builtin.dicom_receiver import ReceiverStartError, dicom_receiver_for
     from mercure.jobs.incoming import IncomingSpool
 
     config = config_for(
@@ -301,7 +301,7 @@ def test_receiver_with_missing_certificate_file_fails_to_start(tmp_path: Path, c
             }
         },
     )
-    receiver = DicomReceiver(config, IncomingSpool(Path(config.incoming_folder), fsync=False))
+    receiver = dicom_receiver_for(config, IncomingSpool(Path(config.incoming_folder), fsync=False))
     with pytest.raises(ReceiverStartError, match=r"dicom_receiver\.tls\.key file .*missing\.key"):
         receiver.start()
     receiver.stop()

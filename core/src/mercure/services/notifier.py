@@ -1,0 +1,109 @@
+"""The ``notifier`` service: delivers the outbox's notifications through the rules' notifiers.
+
+Retries with exponential backoff (``notification_retry_delay`` doubling up to 10 minutes) until
+``notification_retries`` tries failed, then records "given up" with every reason. A notifier
+that hangs or raises only delays other notifications, never a job.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mercure.events import TaskEvent, TaskEventType
+from mercure.metrics import Metric
+from mercure.notifiers import PermanentNotificationError
+from mercure.outbox import OutboxEntry, backoff
+from mercure.services.base import Service
+from mercure.services.runtime import Runtime
+
+RETRY_CAP = 600.0
+NAME = "notifier"
+
+
+class NotifierService(Service):
+    name = NAME
+
+    def __init__(self, runtime: Runtime, interval: float = 1.0) -> None:
+        super().__init__(interval)
+        self.runtime = runtime
+
+    def run_once(self) -> int:
+        outbox = self.runtime.outbox
+        handled = 0
+        for path in outbox.due():
+            if self.stop_event.is_set():
+                break
+            with outbox.claim(path) as entry:
+                if entry is None:
+                    continue
+                self.deliver(entry)
+                handled += 1
+        return handled
+
+    def deliver(self, entry: OutboxEntry) -> None:
+        """One try at one entry (claimed by the caller)."""
+        note = entry.notification
+        log = self.log.bind(task_id=note.task_id, rule=note.rule_name, notifier=entry.notifier)
+        if note.problem:
+            self._finish(entry, "given up", note.problem)
+            return
+        try:
+            notifier = self.runtime.notifier(entry.notifier)
+        except KeyError:
+            self._finish(entry, "given up", f"notifier '{entry.notifier}' is not configured")
+            return
+        try:
+            receipt = notifier.send(note)
+        except PermanentNotificationError as exc:
+            self._finish(entry, "given up", f"{exc}".strip() or exc.__class__.__name__)
+            return
+        except Exception as exc:
+            reason = f"{exc}".strip() or exc.__class__.__name__
+            config = self.runtime.config
+            if entry.tries + 1 >= config.notification_retries:
+                tries = entry.tries + 1
+                entry.errors.append(reason)
+                self._finish(entry, "given up", f"gave up after {tries} tries: {reason}")
+                return
+            delay = backoff(entry.tries + 1, config.notification_retry_delay, RETRY_CAP)
+            self.runtime.outbox.reschedule(entry, reason, delay)
+            log.warning("notification failed; will retry", in_seconds=round(delay, 1), error=reason)
+            self.runtime.metrics(
+                Metric("notifications.failures", 1, {"notifier": entry.notifier}, service=NAME)
+            )
+            return
+        self._finish(entry, "delivered", receipt or "sent")
+
+    def _finish(self, entry: OutboxEntry, outcome: str, detail: str) -> None:
+        note = entry.notification
+        self.runtime.outbox.finish(
+            entry, "delivered" if outcome == "delivered" else "given up", detail
+        )
+        kind = (
+            TaskEventType.NOTIFICATION_SENT
+            if outcome == "delivered"
+            else TaskEventType.NOTIFICATION_GIVEN_UP
+        )
+        level = self.log.info if outcome == "delivered" else self.log.error
+        level(
+            f"notification {outcome}",
+            task_id=note.task_id,
+            rule=note.rule_name,
+            notifier=entry.notifier,
+            notification_event=note.event,
+            detail=detail,
+        )
+        self.runtime.emit(
+            TaskEvent(
+                kind,
+                note.task_id,
+                target=entry.notifier,
+                info=f"{note.event}: {detail}",
+                rule=note.rule_name,
+                time=time.time(),
+                extra={"notification_id": note.id, "tries": entry.tries + 1},
+            )
+        )
+
+
+__all__ = ["NotifierService"]
