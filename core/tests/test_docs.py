@@ -49,6 +49,24 @@ def documented_hooks() -> dict[str, list[str]]:
     }
 
 
+def test_hook_reference_is_generated_from_the_hookspecs() -> None:
+    """The page's reference is the hookspec docstrings: they cannot drift apart."""
+    from mercure.hookdoc import generated_part, render_reference
+
+    assert generated_part(DOCS / "plugin_hooks.md") == render_reference(), (
+        "docs/plugin_hooks.md differs from the hookspec docstrings: run "
+        "`python -m mercure.hookdoc docs/plugin_hooks.md`"
+    )
+
+
+def test_every_hookspec_says_who_calls_it_and_what_errors_do() -> None:
+    from mercure.hookdoc import hook_functions
+
+    for name, _args, doc in hook_functions():
+        for part in ("**Called**", "**Arguments**", "**Returns**", "**Exceptions**"):
+            assert part in doc, f"the docstring of hookspec {name} lacks {part}"
+
+
 def test_every_hook_is_documented() -> None:
     missing = sorted(set(specs()) - set(documented_hooks()))
     assert not missing, (

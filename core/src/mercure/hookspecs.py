@@ -1,17 +1,19 @@
-"""Every hook a plugin can implement, in one module.
+"""Every hook a plugin can implement, in one module: the single source of the hook reference.
 
 Two kinds of hooks, like pynetdicom's notification and intervention events:
 
-* **Registration hooks** (``register_*``) are called once when the plugin manager is built.
-  Each receives a ``register`` callback; calling it adds a *type* (a target type such as
-  ``"xnat"``, a runner type, ...) with its pydantic configuration model and the class that
+* **Registration hooks** (``register_*``) are called once when the plugin manager builds its
+  registry. Each receives a ``register`` callback; calling it adds a *type* (a target type
+  such as ``"xnat"``, a runner type, ...) with its pydantic settings model and the class that
   implements it. Sending a job to a target is then a direct call on that one class, not a
   broadcast.
 * **Observer hooks** (``on_*``) are broadcast to every plugin that implements them. An
-  observer that raises is logged and ignored: a failing observer never fails a job.
+  observer that raises is logged and the others are still called: a failing observer never
+  fails a job.
 
-Plugins implement hooks with ``from mercure import hookimpl``. Every hook here is documented
-in ``docs/plugin_hooks.md``; a test keeps the two in step.
+Plugins implement hooks with ``from mercure import hookimpl``. The reference part of
+``docs/plugin_hooks.md`` is generated from these docstrings (``python -m mercure.hookdoc``),
+and a test fails when the two differ.
 """
 
 from __future__ import annotations
@@ -29,50 +31,99 @@ if TYPE_CHECKING:
 
 @hookspec
 def register_targets(register: RegisterFn) -> None:
-    """Add target types (where jobs are delivered).
+    """Add target types: where jobs are delivered (DICOM, DICOMweb, S3, SFTP, a folder, ...).
 
-    Called once per plugin manager. Call ``register(type_name, ConfigModel, Implementation)``
-    for each type: ``ConfigModel`` subclasses :class:`mercure.targets.TargetConfig` with a field
-    ``target_type: Literal["<type_name>"]``; ``Implementation`` subclasses
-    :class:`mercure.targets.Target`. A type name registered twice is an error that names both
-    distributions.
+    - **Called** once per plugin manager, in every process that builds one (``mercure run``,
+      each receiver process, every CLI command), on the calling thread, when the registry is
+      first used.
+    - **Arguments**: ``register(type_name, ConfigModel, Implementation)``. ``ConfigModel``
+      subclasses ``mercure.targets.TargetConfig`` and declares
+      ``target_type: Literal["<type_name>"] = "<type_name>"``; ``Implementation`` subclasses
+      ``mercure.targets.Target``.
+    - **Returns** nothing.
+    - **Then**: a configured target of the type is validated with ``ConfigModel`` when the
+      configuration loads. The dispatcher creates one ``Implementation(name, config,
+      context)`` per configured target and process, calls ``send(job)`` from several
+      dispatcher threads at once (one job each), and ``close()`` at shutdown;
+      ``mercure targets test NAME`` calls ``test_connection()``.
+    - **Exceptions**: ``PluginRegistrationError`` from ``register`` (duplicate type name,
+      wrong model) stops the command with the reason; any other exception propagates too.
     """
 
 
 @hookspec
 def register_receivers(register: RegisterFn) -> None:
-    """Add receiver types (how instances arrive: DICOM C-STORE, DICOMweb STOW, ...).
+    """Add receiver types: how instances arrive (DICOM C-STORE, DICOMweb STOW-RS, a folder).
 
-    ``register(type_name, ConfigModel | None, Implementation)``; ``Implementation`` subclasses
-    :class:`mercure.receivers.Receiver`. The built-in ``dicom`` receiver is configured by
-    mercure's top-level ``port`` and ``dicom_receiver`` settings.
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``SettingsModel`` subclasses ``mercure.plugin_settings.PluginSettings``;
+      ``Implementation`` subclasses ``mercure.receivers.Receiver``.
+    - **Returns** nothing.
+    - **Then**: the ``receiver`` service of ``mercure run`` creates each instance configured
+      under ``plugins.receivers`` as ``Implementation(name, settings, context)`` (the context
+      holds the incoming ``spool``), calls ``start()`` in the main thread, which must return
+      once it accepts instances (serve from threads of its own), and ``stop()`` at shutdown.
+      Only after ``spool.store(...)`` returned may a receiver tell the sender an instance is
+      safe. The built-in ``dicom`` receiver is configured by mercure's ``port`` and
+      ``dicom_receiver`` instead.
+    - **Exceptions**: as for ``register_targets``; an exception from ``start()`` stops
+      ``mercure run`` with the reason.
     """
 
 
 @hookspec
 def register_runners(register: RegisterFn) -> None:
-    """Add processing-runner types (how processing modules run: docker, nomad, local).
+    """Add processing-runner types: how processing modules run (local, docker, nomad).
 
-    ``register(type_name, ConfigModel | None, Implementation)``; ``Implementation`` subclasses
-    :class:`mercure.runners.Runner`. The configured ``process_runner`` selects one.
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``Implementation`` subclasses ``mercure.runners.Runner``.
+    - **Returns** nothing.
+    - **Then**: ``process_runner`` (or an instance under ``plugins.runners``) selects the
+      runner; its settings are validated with ``SettingsModel`` and ``Runner.check_module`` is
+      asked about every module when the configuration loads. The processor creates the
+      instance once per process (``Implementation(name, settings, context)``), calls
+      ``start()``, then ``launch(run)`` / ``wait(handle, timeout)`` / ``cancel(handle)`` /
+      ``cleanup(handle)`` from its threads (several runs at once), and ``close()`` at shutdown.
+    - **Exceptions**: ``RunnerError`` from a runner method fails that job's step with the
+      message; registration errors as for ``register_targets``.
     """
 
 
 @hookspec
 def register_notifiers(register: RegisterFn) -> None:
-    """Add notifier types (webhook, e-mail, ...), told about reception, completion and errors.
+    """Add notifier types (webhook, e-mail, ...): how people hear about a job.
 
-    ``register(type_name, ConfigModel | None, Implementation)``; ``Implementation`` subclasses
-    :class:`mercure.notifiers.Notifier`.
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``Implementation`` subclasses ``mercure.notifiers.Notifier``.
+    - **Returns** nothing.
+    - **Then**: each configured instance (mercure's rule fields and ``plugins.notifiers``) is
+      created once per process. The router and dispatcher call only its quick
+      ``wants(notification)`` and queue the rendered notification in the durable outbox; the
+      ``notifier`` service calls ``start()`` before the first ``send(notification)``, sends
+      from its own thread, retries with backoff and records the outcome; ``close()`` at
+      shutdown.
+    - **Exceptions**: from ``send``, ``PermanentNotificationError`` gives up at once, any
+      other exception is retried; neither reaches a job.
     """
 
 
 @hookspec
 def register_metrics_sinks(register: RegisterFn) -> None:
-    """Add metrics-sink types (InfluxDB, Graphite, ...).
+    """Add metrics-sink types (InfluxDB, Graphite, Prometheus, ...).
 
-    ``register(type_name, ConfigModel | None, Implementation)``; ``Implementation`` subclasses
-    :class:`mercure.metrics.MetricsSink`.
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``Implementation`` subclasses ``mercure.metrics.MetricsSink``.
+    - **Returns** nothing.
+    - **Then**: each configured instance (mercure's ``graphite_*`` / ``influxdb_*`` fields
+      and ``plugins.metrics_sinks``) is created and started once per ``mercure run`` process;
+      ``send(batch)`` runs on the sink's own thread with batches from a bounded buffer;
+      ``close()`` at shutdown.
+    - **Exceptions**: an exception from ``send`` drops that batch (counted, logged at most
+      once a minute); one from ``start()`` leaves the sink out. Neither delays the pipeline.
     """
 
 
@@ -80,18 +131,28 @@ def register_metrics_sinks(register: RegisterFn) -> None:
 def register_commands(cli: typer.Typer) -> None:
     """Add commands or sub-apps to the ``mercure`` command line.
 
-    Called once when the CLI starts, with the root :class:`typer.Typer` app. Add a group with
-    ``cli.add_typer(sub_app, name="xnat")`` or a command with ``@cli.command()``.
+    - **Called** once when the ``mercure`` command starts, in that process, before arguments
+      are parsed.
+    - **Arguments**: ``cli``, the root ``typer.Typer`` app: add a group with
+      ``cli.add_typer(sub_app, name="xnat")`` or a command with ``@cli.command()``.
+    - **Returns** nothing.
+    - **Exceptions**: ``mercure`` prints ``warning: plugin commands not loaded: ...`` and runs
+      without plugin commands.
     """
 
 
 @hookspec
 def on_task_event(event: TaskEvent) -> None:
-    """Observe a job's life: received, routed, delivered, failed, discarded, retried.
+    """Observe a job's life: received, routed, delivered, failed, discarded, retried, notified.
 
-    Broadcast to every implementation, in the process that made the change, after the change
-    is durable on disk. Must return quickly (queue slow work); exceptions are logged and
-    ignored.
+    - **Called** for every ``mercure.events.TaskEvent``, in the process and on the thread of
+      the service that made the change (router, dispatcher, processor, notifier, CLI), after
+      the change is durable on disk; from several threads at once.
+    - **Arguments**: ``event`` (type, task id, series UID, target, file count, rule, tags,
+      time, extra).
+    - **Returns** nothing; must return quickly (queue slow work of your own).
+    - **Exceptions**: logged (``observer failed``) and ignored; the other observers are still
+      called.
     """
 
 
@@ -99,6 +160,10 @@ def on_task_event(event: TaskEvent) -> None:
 def on_startup(config: Any, services: list[str]) -> None:
     """Observe a ``mercure run`` start, after the configuration loaded and before services run.
 
-    ``config`` is the loaded :class:`mercure.config.Config`; ``services`` the names of the
-    services this process starts. Exceptions are logged and ignored.
+    - **Called** once per ``mercure run`` process (and per receiver process), on the main
+      thread.
+    - **Arguments**: ``config``, the loaded ``mercure.config.Config``; ``services``, the names
+      of the services this process starts.
+    - **Returns** nothing.
+    - **Exceptions**: logged and ignored.
     """

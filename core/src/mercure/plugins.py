@@ -70,6 +70,7 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self._registry: Registry | None = None
+        self._callers: dict[tuple[str, str], Any] = {}
 
     @property
     def hook(self) -> Any:
@@ -90,12 +91,14 @@ class PluginManager:
             raise PluginRegistrationError(f"plugin {name or plugin!r} is blocked or invalid")
         self.infos[registered] = PluginInfo(registered, distribution, version, source)
         self._registry = None
+        self._callers.clear()
         return registered
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.infos.pop(name, None)
         self._registry = None
+        self._callers.clear()
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
         allowed = {_normalize(a) for a in allow} if allow is not None else None
@@ -164,11 +167,31 @@ class PluginManager:
             hook_caller = getattr(self.pm.hook, hook_name)
             # Call each implementation on its own so that what it registers is attributed to it.
             for impl in reversed(hook_caller.get_hookimpls()):
+                if _is_wrapper(impl):
+                    continue
                 info = self.infos.get(impl.plugin_name)
                 distribution = info.distribution if info else impl.plugin_name
                 register = make_register(registry, kind, impl.plugin_name, distribution, base)
-                _call_impl(impl, register=register)
+                self._caller(hook_name, impl.plugin_name)(register=register)
         return registry
+
+    def _caller(self, hook_name: str, plugin_name: str) -> Any:
+        """A pluggy hook caller for one plugin's implementation plus every hook wrapper.
+
+        Registration hooks are called one plugin at a time (so that what a plugin registers
+        is attributed to it) and observers one at a time (so that one that raises does not
+        keep the others from being called), but always through pluggy's own machinery:
+        hook wrappers, ``pm.trace`` and ``add_hookcall_monitoring`` see every call.
+        """
+        key = (hook_name, plugin_name)
+        caller = self._callers.get(key)
+        if caller is None:
+            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+            keep = {id(i.plugin) for i in impls if _is_wrapper(i) or i.plugin_name == plugin_name}
+            remove = [p for _, p in self.pm.list_name_plugin() if id(p) not in keep]
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=remove)
+            self._callers[key] = caller
+        return caller
 
     def plugin_types(self, plugin_name: str) -> list[str]:
         return [f"{t.kind}:{t.name}" for t in self.registry if t.plugin == plugin_name]
@@ -178,8 +201,10 @@ class PluginManager:
         from mercure.logs import get_logger
 
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if _is_wrapper(impl):
+                continue
             try:
-                _call_impl(impl, **kwargs)
+                self._caller(hook_name, impl.plugin_name)(**kwargs)
             except Exception as exc:
                 get_logger(__name__).warning(
                     "observer failed", hook=hook_name, plugin=impl.plugin_name, error=repr(exc)
@@ -191,9 +216,8 @@ def _normalize(dist_name: str) -> str:
     return re.sub(r"[-_.]+", "-", dist_name.strip()).lower()
 
 
-def _call_impl(impl: Any, **kwargs: Any) -> Any:
-    """Call one hook implementation with the arguments it declares (pluggy's own rule)."""
-    return impl.function(*[kwargs[name] for name in impl.argnames])
+def _is_wrapper(impl: Any) -> bool:
+    return bool(getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False))
 
 
 def _import_file(name: str, path: Path) -> ModuleType:

@@ -66,19 +66,22 @@ def _site_plugin_folder(config_path: Path | None) -> str | None:
     return folder if isinstance(folder, str) and folder else None
 
 
+def plugin_manager_for(config_path: Path | None) -> PluginManager:
+    """Entry-point plugins, the configuration's site plugins, then the built-ins (in that
+    order, as docs/writing_plugins.md says), or exit with the plugin error."""
+    try:
+        # Site plugins before validation: the configuration may use the types they register.
+        site_folder = _site_plugin_folder(config_path)
+        return build_plugin_manager(Path(site_folder) if site_folder else None)
+    except PluginRegistrationError as exc:
+        raise die(f"plugin error: {exc}") from None
+
+
 def load(path: Path | None, data: Path | None = None) -> Loaded:
     """Load plugins and the configuration, or exit with every error explained."""
     config_path = find_config(path)
+    plugins = plugin_manager_for(config_path)
     try:
-        plugins = build_plugin_manager()
-    except PluginRegistrationError as exc:
-        raise die(f"plugin error: {exc}") from None
-    try:
-        # Site plugins first: the configuration may use the target types they register.
-        site_folder = _site_plugin_folder(config_path)
-        if site_folder:
-            plugins.load_site_plugins(Path(site_folder))
-            plugins.check()
         registry = plugins.registry
         if config_path is None:
             folder = data or Path(os.environ.get(ENV_DATA, DEFAULT_DATA))

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
-from mercure.plugins import build_plugin_manager
+from mercure.cli.context import ConfigOption, find_config, plugin_manager_for
 from mercure.registry import PluginRegistrationError
 
 
 def install(app: typer.Typer) -> None:
     @app.command()
-    def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-        """List every loaded plugin, its distribution and version, and the types it registers."""
+    def plugins(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        config: Path | None = ConfigOption,
+    ) -> None:
+        """List every loaded plugin (site plugins of the configuration's ``plugin_folder``
+        included), its distribution and version, and the types it registers."""
+        manager = plugin_manager_for(find_config(config))
         try:
-            manager = build_plugin_manager()
             registry = manager.registry
         except PluginRegistrationError as exc:
             typer.secho(f"plugin error: {exc}", err=True, fg="red")
