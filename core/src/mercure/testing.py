@@ -288,11 +288,11 @@ def running_router(mercure_config: Config) -> Iterator[RunningRouter]:
     yield from _run(mercure_config)
 
 
-def _run(config: Config) -> Iterator[RunningRouter]:
+def _run(config: Config, plugins: PluginManager | None = None) -> Iterator[RunningRouter]:
     from mercure.services.runtime import build_runtime
     from mercure.services.supervisor import Supervisor
 
-    manager = build_plugin_manager()
+    manager = plugins or build_plugin_manager()
     supervisor = Supervisor(build_runtime(config, manager))
     supervisor.start()
     port = supervisor.receivers[0].port if supervisor.receivers else 0
@@ -302,9 +302,10 @@ def _run(config: Config) -> Iterator[RunningRouter]:
         supervisor.stop()
 
 
-def start_router(config: Config) -> Iterator[RunningRouter]:
-    """Generator form of ``running_router`` for custom configurations (use with ``yield from``)."""
-    yield from _run(config)
+def start_router(config: Config, plugins: PluginManager | None = None) -> Iterator[RunningRouter]:
+    """Generator form of ``running_router`` for custom configurations (use with ``yield from``
+    or ``contextlib.contextmanager``); ``plugins``: a manager with test plugins registered."""
+    yield from _run(config, plugins)
 
 
 @pytest.fixture
