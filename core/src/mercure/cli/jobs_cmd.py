@@ -104,7 +104,10 @@ def show(
     task_id: str = typer.Argument(..., help="Job id (a unique prefix is enough)."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Show one job: its state, task file, and who holds it."""
+    """Show one job: its state, task file, who holds it, and its notifications."""
+    from mercure.outbox import Outbox
+    from mercure.services.runtime import outbox_folder
+
     cfg = load(config).config
     store = JobStore.from_config(cfg, fsync=False)
     ref = store.find(task_id)
@@ -116,6 +119,19 @@ def show(
     if owner:
         typer.echo(f"last claimed by: {owner}")
     typer.echo((ref.path / "task.json").read_text())
+    folder = outbox_folder(cfg)
+    records = Outbox(folder, fsync=False).records(ref.id) if folder.is_dir() else []
+    if records:
+        typer.echo("notifications:")
+    for record in records:
+        note = record.get("notification", {})
+        detail = record.get("detail") or "; ".join(record.get("errors", [])[-1:])
+        typer.echo(
+            f"  {note.get('event', '?'):<10} rule {note.get('rule_name', '?')} via "
+            f"{record.get('notifier', '?')}: {record.get('outcome')}"
+            f" after {record.get('tries', 0)} tr{'y' if record.get('tries') == 1 else 'ies'}"
+            + (f" ({detail})" if detail else "")
+        )
 
 
 @job_app.command("retry")
