@@ -57,6 +57,14 @@ class ProbeRunnerSettings(PluginSettings):
 
 
 class ProbeRunner(Runner[ProbeRunnerSettings]):
+    @classmethod
+    def check_module(
+        cls, settings: ProbeRunnerSettings | None, name: str, module: Any
+    ) -> list[tuple[str, str]]:
+        if module.docker_arguments and settings is not None and settings.workers < 2:
+            return [("docker_arguments", f"not allowed with {settings.workers} worker")]
+        return []
+
     def launch(self, run: ProcessingRun) -> str:
         return "h"
 
@@ -233,6 +241,21 @@ def test_a_wrong_plugin_setting_is_reported_with_its_path(
     errors = dict(info.value.errors)
     assert path in errors, errors
     assert message in errors[path]
+
+
+def test_the_runner_checks_every_module_at_load(
+    plugin_manager: PluginManager, site: Observer
+) -> None:
+    data: dict[str, Any] = {
+        "process_runner": "probe",
+        "modules": {"ai": {"docker_tag": "x/ai:1", "docker_arguments": '{"privileged": true}'}},
+    }
+    with pytest.raises(ConfigError) as info:
+        validate_config(data, plugin_manager.registry)
+    errors = dict(info.value.errors)
+    assert errors["modules.ai.docker_arguments"] == "not allowed with 1 worker (runner 'probe')"
+    data["plugins"] = {"runners": {"probe": {"workers": 2}}}
+    validate_config(data, plugin_manager.registry)
 
 
 def test_a_misspelled_rule_key_is_an_error_and_an_unrelated_one_a_warning(

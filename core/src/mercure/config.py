@@ -357,6 +357,7 @@ def validate_config(
     warnings.extend(instance_warnings)
     if config is not None:
         errors.extend(_check_references(config, registry))
+        errors.extend(_check_modules(config, registry, instances.get("runner", [])))
         unknown_errors, unknown_warnings = _unknown_keys(config)
         errors.extend(unknown_errors)
         warnings.extend(unknown_warnings)
@@ -366,6 +367,24 @@ def validate_config(
         raise ConfigError(source, errors)
     assert config is not None
     return config, warnings
+
+
+def _check_modules(
+    config: Config, registry: Registry, runners: list[PluginInstance]
+) -> list[tuple[str, str]]:
+    """Ask each configured runner about every module (``Runner.check_module``)."""
+    errors: list[tuple[str, str]] = []
+    for runner in runners:
+        impl = registry.get("runner", runner.type_name).implementation
+        for name, module in config.modules.items():
+            try:
+                found = impl.check_module(runner.settings, name, module)
+            except Exception as exc:  # a plugin bug must not hide the configuration's errors
+                found = [("", f"runner '{runner.name}' could not check it: {exc}")]
+            for field, message in found:
+                path = f"modules.{name}.{field}" if field else f"modules.{name}"
+                errors.append((path, f"{message} (runner '{runner.name}')"))
+    return errors
 
 
 def _check_references(config: Config, registry: Registry) -> list[tuple[str, str]]:
