@@ -28,36 +28,21 @@ import hashlib
 import hmac
 import json
 import os
-import string
 import threading
 import time
-from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 from mercure import hookimpl
-from mercure.fsutil import fsync_dir, safe_component, tmp_name
+from mercure.fsutil import fsync_dir, tmp_name
+from mercure.lifecycle import PluginContext
+from mercure.patterns import TagPattern, TagPatternField
 from mercure.registry import RegisterFn
 from mercure.secrets import OptionalSecret
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig, TargetError
 from pydantic import field_validator
 
-MISSING = "none"
 _CHUNK = 1 << 20
-
-
-class _PatternValues(dict[str, str]):
-    """Values for ``path_pattern``: job fields, then series tags (``none`` when absent).
-
-    Each value is made a single harmless path component: a sender controls the tags.
-    """
-
-    def __init__(self, fields: dict[str, str], tags: Mapping[str, str]) -> None:
-        super().__init__({k: safe_component(v) for k, v in fields.items()})
-        self.tags = tags
-
-    def __missing__(self, key: str) -> str:
-        return safe_component(self.tags.get(key) or MISSING)
 
 
 class TemplateTargetConfig(TargetConfig):
@@ -65,9 +50,10 @@ class TemplateTargetConfig(TargetConfig):
 
     target_type: Literal["template"] = "template"
     folder: str
-    #: Path of each instance below ``folder``: ``{Tag}`` is a series tag (``none`` if absent),
-    #: plus ``{task_id}``, ``{filename}`` and ``{target}``.
-    path_pattern: str = "{PatientID}/{SeriesInstanceUID}/{filename}"
+    #: Path of each instance below ``folder``: ``{Keyword}`` is a series tag (``UNKNOWN`` if
+    #: absent), plus ``{task_id}``, ``{filename}`` and ``{target}``; checked when the
+    #: configuration loads (mercure.patterns).
+    path_pattern: TagPatternField = TagPattern.parse("{PatientID}/{SeriesInstanceUID}/{filename}")
     #: JSON-lines file, relative to ``folder`` (or absolute), one line per delivered instance.
     manifest: str = "manifest.jsonl"
     #: Key for an HMAC-SHA256 of each file in the manifest; empty or null: no HMAC.
@@ -75,24 +61,9 @@ class TemplateTargetConfig(TargetConfig):
 
     @field_validator("path_pattern")
     @classmethod
-    def _check_pattern(cls, pattern: str) -> str:
-        """Reject a pattern that could not be rendered, or that leaves ``folder``."""
-        try:
-            parsed = list(string.Formatter().parse(pattern))
-        except ValueError as exc:
-            raise ValueError(f"path_pattern {pattern!r} is not a valid pattern: {exc}") from None
-        fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
-        for name, spec, conv in fields:
-            if not name.isidentifier() or spec or conv:
-                raise ValueError(
-                    f"path_pattern field {{{name}}} must be a plain name such as {{PatientID}}"
-                )
-        names = [name for name, _, _ in fields]
-        if "filename" not in names:
+    def _needs_filename(cls, pattern: TagPattern) -> TagPattern:
+        if "filename" not in pattern.fields:
             raise ValueError("path_pattern must contain {filename}, or instances would collide")
-        sample = PurePosixPath(pattern.format_map(dict.fromkeys(names, "x")))
-        if sample.is_absolute() or ".." in sample.parts:
-            raise ValueError(f"path_pattern {pattern!r} must stay inside folder (no '/' or '..')")
         return pattern
 
 
@@ -100,7 +71,7 @@ class TemplateTarget(Target[TemplateTargetConfig]):
     """Copies instances by a name pattern and records each one in a manifest."""
 
     def __init__(
-        self, name: str, config: TemplateTargetConfig, context: Mapping[str, Any] | None = None
+        self, name: str, config: TemplateTargetConfig, context: PluginContext | None = None
     ) -> None:
         super().__init__(name, config, context)
         self._manifest_lock = threading.Lock()  # send() may run in several threads at once
@@ -109,8 +80,8 @@ class TemplateTarget(Target[TemplateTargetConfig]):
 
     def relative_path(self, job: DeliveryJob, src: Path) -> Path:
         """Where ``src`` goes below ``folder``; every value becomes one safe path component."""
-        fields = {"task_id": job.task_id, "filename": src.name, "target": self.name}
-        return Path(self.config.path_pattern.format_map(_PatternValues(fields, job.tags)))
+        values = {**job.tags, "task_id": job.task_id, "filename": src.name, "target": self.name}
+        return Path(self.config.path_pattern.render(values))
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
         base = Path(self.config.folder)
