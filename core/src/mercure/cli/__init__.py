@@ -33,9 +33,10 @@ def _build() -> typer.Typer:
         typer.echo(__version__)
 
     try:
-        from mercure.plugins import build_plugin_manager
+        from mercure.cli.context import find_config, plugin_manager_for
 
-        build_plugin_manager().hook.register_commands(cli=app)
+        # The same manager serves the command itself: plugins are loaded once per process.
+        plugin_manager_for(find_config(None)).hook.register_commands(cli=app)
     except Exception as exc:  # a broken plugin must not take the CLI down with it
         typer.secho(f"warning: plugin commands not loaded: {exc}", err=True, fg="yellow")
     return app

@@ -66,15 +66,27 @@ def _site_plugin_folder(config_path: Path | None) -> str | None:
     return folder if isinstance(folder, str) and folder else None
 
 
+_MANAGERS: dict[str | None, PluginManager] = {}
+
+
 def plugin_manager_for(config_path: Path | None) -> PluginManager:
     """Entry-point plugins, the configuration's site plugins, then the built-ins (in that
-    order, as docs/writing_plugins.md says), or exit with the plugin error."""
+    order, as docs/writing_plugins.md says), or exit with the plugin error.
+
+    Built once per process and site folder: the CLI's plugin commands and the command that
+    runs share it.
+    """
+    # Site plugins before validation: the configuration may use the types they register.
+    site_folder = _site_plugin_folder(config_path)
+    manager = _MANAGERS.get(site_folder)
+    if manager is not None:
+        return manager
     try:
-        # Site plugins before validation: the configuration may use the types they register.
-        site_folder = _site_plugin_folder(config_path)
-        return build_plugin_manager(Path(site_folder) if site_folder else None)
+        manager = build_plugin_manager(Path(site_folder) if site_folder else None)
     except PluginRegistrationError as exc:
         raise die(f"plugin error: {exc}") from None
+    _MANAGERS[site_folder] = manager
+    return manager
 
 
 def load(path: Path | None, data: Path | None = None) -> Loaded:
