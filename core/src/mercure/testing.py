@@ -8,9 +8,13 @@ Fixtures:
 * ``mercure_config`` - a :class:`~mercure.config.Config` whose spool lives in ``tmp_path``.
 * ``running_router`` - all services of a router in this process, on a free port.
 * ``dcmtk_storescp`` - DCMTK's ``storescp`` on a free port, writing into a folder.
+* ``dispatch_env`` - the core's Dispatcher over a spool in ``tmp_path``, jobs made by hand.
+* ``ssh_account`` / ``openssh_server`` (session) - a local test user and OpenSSH's sshd on a
+  free loopback port that lets it in (password or key); see :mod:`mercure.testing_ssh`.
 
 Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`DcmtkStoreSCP`,
-:func:`dcmtk_storescu`.
+:func:`dcmtk_storescu`, :class:`DispatchEnv`, :class:`~mercure.testing_ssh.OpenSSHServer`,
+:func:`~mercure.testing_ssh.processes_containing`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,6 +35,21 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 
 from mercure.config import Config, validate_config
 from mercure.plugins import PluginManager, build_plugin_manager
+from mercure.testing_ssh import OpenSSHServer as OpenSSHServer
+from mercure.testing_ssh import SSHAccount as SSHAccount
+from mercure.testing_ssh import (
+    create_ssh_account,
+    delete_ssh_account,
+    remove_base_folder,
+    ssh_base_folder,
+)
+from mercure.testing_ssh import processes_containing as processes_containing
+
+if TYPE_CHECKING:
+    from mercure.jobs.store import JobRef
+    from mercure.jobs.task import Task
+    from mercure.services.dispatcher import Dispatcher
+    from mercure.services.runtime import Runtime
 
 DCMTK_BIN = Path(os.environ.get("MERCURE_DCMTK_BIN", "/usr/bin"))
 
@@ -316,3 +336,113 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStoreSCP]:
         yield scp
     finally:
         scp.stop()
+
+
+class DispatchEnv:
+    """A runtime and the core's Dispatcher over a spool in ``tmp_path``; jobs made by hand.
+
+    Retries are due at once (``retry_delay`` 0) and each :meth:`deliver` is one synchronous
+    delivery attempt, so a test follows a job try by try without waiting.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.runtime: Runtime | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    def start(self, targets: dict[str, Any], **overrides: Any) -> DispatchEnv:
+        """(Re)build the runtime with these targets; jobs already in the spool stay."""
+        from mercure.services.dispatcher import Dispatcher
+        from mercure.services.runtime import build_runtime
+
+        self.close()
+        overrides.setdefault("retry_delay", 0)
+        overrides.setdefault("retry_max", 5)
+        name = next(iter(targets))
+        config = config_for(
+            self.tmp_path,
+            targets=targets,
+            rules={"all": {"rule": "True", "target": name}},
+            **overrides,
+        )
+        self.runtime = build_runtime(config, build_plugin_manager(), fsync=False)
+        self.dispatcher = Dispatcher(self.runtime)
+        return self
+
+    def job(self, files: list[Path], target: str, tags: dict[str, str] | None = None) -> JobRef:
+        """A job in ``outgoing/`` holding ``files`` for ``target``, as the router makes it."""
+        from mercure.jobs.task import Task, TaskDispatch, TaskInfo
+
+        assert self.runtime is not None, "call start() first"
+        tags = dict(tags or {})
+        series_uid = tags.get("SeriesInstanceUID", "1.2.3")
+        task = Task(
+            info=TaskInfo(
+                action="route",
+                uid=series_uid,
+                triggered_rules={"all": True},
+                applied_rule="all",
+                sender_address=tags.get("SenderAddress", "MISSING"),
+            ),
+            id=str(uuid.uuid4()),
+            dispatch=TaskDispatch(target_name=target, series_uid=series_uid),
+            tags=tags,
+            created_at=time.time(),
+        )
+        return self.runtime.store.create("outgoing", task, files)
+
+    def where(self, ref: JobRef) -> JobRef:
+        """The job's current place (it moves between states)."""
+        assert self.runtime is not None, "call start() first"
+        found = self.runtime.store.find_exact(ref.id)
+        assert found is not None, f"job {ref.id} vanished"
+        return found
+
+    def deliver(self, ref: JobRef) -> tuple[JobRef, Task]:
+        """One delivery attempt; return the job's new place and its task file."""
+        assert self.runtime is not None and self.dispatcher is not None, "call start() first"
+        self.dispatcher.deliver(self.where(ref))
+        current = self.where(ref)
+        return current, self.runtime.store.read(current)
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+            self.dispatcher = None
+
+
+@pytest.fixture
+def dispatch_env(tmp_path: Path) -> Iterator[DispatchEnv]:
+    """A :class:`DispatchEnv` over a spool in ``tmp_path``; call ``start(targets)`` first."""
+    env = DispatchEnv(tmp_path)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_account() -> Iterator[SSHAccount]:
+    """A local user with a password, a key and a passphrase-protected key (needs root)."""
+    base = ssh_base_folder()
+    try:
+        account = create_ssh_account(base)
+    except BaseException:
+        remove_base_folder(base)
+        raise
+    try:
+        yield account
+    finally:
+        delete_ssh_account(account)
+        remove_base_folder(base)
+
+
+@pytest.fixture(scope="session")
+def openssh_server(ssh_account: SSHAccount) -> Iterator[OpenSSHServer]:
+    """OpenSSH's sshd on a free loopback port for ``ssh_account``, shared by the session.
+
+    Tests that kill or re-key a server start an :class:`OpenSSHServer` of their own.
+    """
+    server = OpenSSHServer(ssh_account, ssh_account.home.parent / "sshd").start()
+    try:
+        yield server
+    finally:
+        server.stop()

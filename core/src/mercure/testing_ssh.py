@@ -1,0 +1,333 @@
+"""A real OpenSSH server for the tests of SSH-based targets (SFTP, rsync over ssh, ...).
+
+:class:`SSHAccount` is a local user made for the test session (it needs root: ``useradd`` and
+``chpasswd``) that can log in with a password, with a key, or with a passphrase-protected key.
+:class:`OpenSSHServer` runs Debian's ``/usr/sbin/sshd`` on a free loopback port with its own
+configuration, host key and ``authorized_keys``, and can be killed (with every session it
+serves, as a crash would) and started again on the same port with the same or a new host key.
+The fixtures ``ssh_account`` and ``openssh_server`` in :mod:`mercure.testing` hand them out.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SSHD = Path(os.environ.get("MERCURE_SSHD", "/usr/sbin/sshd"))
+SSH_KEYGEN = Path("/usr/bin/ssh-keygen")
+
+
+def _need(program: Path, package: str) -> None:
+    if not program.exists():
+        pytest.skip(f"{program} is missing (apt-get install {package})")
+
+
+def fingerprint_of(public_key_line: str) -> str:
+    """``SHA256:...`` of an OpenSSH public key line (``type base64 [comment]``), as ssh shows it."""
+    blob = base64.b64decode(public_key_line.split()[1])
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def make_keypair(path: Path, passphrase: str = "", key_type: str = "ed25519") -> Path:
+    """An OpenSSH key pair at ``path`` and ``path.pub`` (``ssh-keygen``); returns ``path``."""
+    _need(SSH_KEYGEN, "openssh-client")
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".pub").unlink(missing_ok=True)
+    subprocess.run(
+        [str(SSH_KEYGEN), "-q", "-t", key_type, "-N", passphrase, "-C", "mercure-test", "-f", path],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@dataclass(frozen=True)
+class SSHAccount:
+    """A local user for SSH tests, its credentials and a home it may write to."""
+
+    user: str
+    uid: int
+    gid: int
+    home: Path
+    password: str
+    key: Path
+    encrypted_key: Path
+    passphrase: str
+    authorized_keys: Path
+
+    def folder(self, name: str, *, owned: bool = True) -> Path:
+        """A new folder in the account's home; owned by the account unless ``owned=False``."""
+        path = self.home / name
+        path.mkdir(parents=True)
+        if owned:
+            os.chown(path, self.uid, self.gid)
+        path.chmod(0o755)
+        return path
+
+
+def create_ssh_account(base: Path) -> SSHAccount:
+    """Create a throw-away local user (root only) with a password and two authorized keys."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a local user for the sshd tests needs root")
+    for tool in ("/usr/sbin/useradd", "/usr/sbin/chpasswd", "/usr/sbin/userdel"):
+        _need(Path(tool), "passwd")
+    user = f"mtest{secrets.token_hex(4)}"
+    home = base / "home"
+    subprocess.run(
+        ["/usr/sbin/useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+         "--user-group", user],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    password = "pw-" + secrets.token_urlsafe(12)
+    subprocess.run(
+        ["/usr/sbin/chpasswd"], input=f"{user}:{password}\n".encode(), check=True,
+        capture_output=True,
+    )  # fmt: skip
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    home.mkdir(parents=True)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    home.chmod(0o755)
+    keys = base / "client-keys"
+    keys.mkdir()
+    passphrase = "pp-" + secrets.token_urlsafe(12)
+    key = make_keypair(keys / "id_plain")
+    encrypted = make_keypair(keys / "id_encrypted", passphrase)
+    authorized = base / "authorized_keys"
+    authorized.write_text(
+        (keys / "id_plain.pub").read_text() + (keys / "id_encrypted.pub").read_text()
+    )
+    authorized.chmod(0o644)
+    return SSHAccount(
+        user, entry.pw_uid, entry.pw_gid, home, password, key, encrypted, passphrase, authorized
+    )
+
+
+def delete_ssh_account(account: SSHAccount) -> None:
+    """Remove the user again (its files are removed with the session's folders)."""
+    subprocess.run(["/usr/sbin/userdel", account.user], check=False, capture_output=True)
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux ``/proc``): the sessions an sshd listener forked."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        kids = [child for child, parent in parents.items() if parent == current]
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+@dataclass
+class OpenSSHServer:
+    """OpenSSH's sshd on 127.0.0.1 with a configuration, host key and logs in ``folder``.
+
+    Password and public-key logins for ``account`` only, the SFTP subsystem in-process
+    (``internal-sftp``), no PAM. ``log`` holds sshd's own messages for a failing test.
+    """
+
+    account: SSHAccount
+    folder: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    extra_config: list[str] = field(default_factory=list)
+
+    @property
+    def host_key(self) -> Path:
+        return self.folder / "ssh_host_ed25519_key"
+
+    @property
+    def host_public_key(self) -> str:
+        """The host key as ``type base64`` (what a known_hosts line holds after the name)."""
+        return " ".join(
+            self.host_key.with_name(self.host_key.name + ".pub").read_text().split()[:2]
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.host_public_key)
+
+    @property
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.port} {self.host_public_key}\n"
+
+    def write_known_hosts(self, path: Path) -> Path:
+        """A known_hosts file that trusts this server (and nothing else)."""
+        path.write_text(self.known_hosts_line)
+        return path
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "sshd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> OpenSSHServer:
+        _need(SSHD, "openssh-server")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o755)
+        if not self.host_key.exists():
+            make_keypair(self.host_key)
+        if not self.port:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.port = int(sock.getsockname()[1])
+        config = self.folder / "sshd_config"
+        lines = [
+            f"Port {self.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.host_key}",
+            f"PidFile {self.folder / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.account.authorized_keys}",
+            "StrictModes no",
+            "UsePAM no",
+            "PasswordAuthentication yes",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "PermitRootLogin no",
+            f"AllowUsers {self.account.user}",
+            "Subsystem sftp internal-sftp",
+            "MaxStartups 200",
+            "MaxSessions 100",
+            "MaxAuthTries 6",
+            "LoginGraceTime 30",
+            "PrintMotd no",
+            "UseDNS no",
+            *self.extra_config,
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation folder
+        log = open(self.folder / "sshd.log", "ab")  # noqa: SIM115 - kept open for the process
+        self.proc = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited early with {self.proc.returncode}: {self.log}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"sshd did not listen on port {self.port} within 20 s: {self.log}")
+
+    def sessions(self) -> list[int]:
+        """PIDs of the processes serving connections now (children of the listener)."""
+        return _children(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def kill(self) -> None:
+        """SIGKILL the listener and every session: what a crash of the server looks like."""
+        if self.proc is None:
+            return
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        """Stop the listener and its sessions (terminate, then kill)."""
+        if self.proc is None:
+            return
+        sessions = _children(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc = None
+
+    def restart(self, *, new_host_key: bool = False) -> OpenSSHServer:
+        """Start again on the same port; with ``new_host_key`` the server's identity changes."""
+        self.stop()
+        if new_host_key:
+            make_keypair(self.host_key)
+        return self.start()
+
+
+def ssh_base_folder() -> Path:
+    """A folder the test user can reach: pytest's own tmp folders are private to root."""
+    base = Path(tempfile.mkdtemp(prefix="mercure-ssh-"))
+    base.chmod(0o755)
+    return base
+
+
+def remove_base_folder(base: Path) -> None:
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def processes_containing(needle: str | bytes) -> list[str]:
+    """Processes whose command line or environment contains ``needle`` (Linux ``/proc``).
+
+    For tests that check that no password or key material is visible in the process list.
+    Returns ``"<pid> <what>: <command line>"`` for each hit.
+    """
+    data = needle.encode() if isinstance(needle, str) else needle
+    hits: list[str] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                blob = (entry / part).read_bytes()
+            except OSError:
+                continue
+            if data in blob:
+                try:
+                    cmd = (
+                        (entry / "cmdline")
+                        .read_bytes()
+                        .replace(b"\0", b" ")
+                        .decode(errors="replace")
+                    )
+                except OSError:
+                    cmd = "?"
+                hits.append(f"{entry.name} {part}: {cmd}")
+    return hits
+
+
+__all__ = [
+    "SSHD",
+    "OpenSSHServer",
+    "SSHAccount",
+    "create_ssh_account",
+    "delete_ssh_account",
+    "fingerprint_of",
+    "make_keypair",
+    "processes_containing",
+    "remove_base_folder",
+    "ssh_base_folder",
+]
