@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,15 +320,117 @@ def processes_containing(needle: str | bytes) -> list[str]:
     return hits
 
 
+class SeriesWatcher:
+    """Lists a destination folder as fast as it can, the way an impatient reader would.
+
+    Every visible (not hidden) folder ``depth`` levels below ``folder`` is taken as a series
+    under its final name; each look at one that holds fewer than ``expected`` visible files
+    (counted recursively) or no ``marker`` is recorded in :attr:`incomplete`. A test of "a
+    reader never sees half a series" runs a transfer meanwhile and asserts that
+    :attr:`incomplete` stayed empty while :attr:`looks` grew.
+    """
+
+    def __init__(
+        self, folder: Path, expected: int, *, marker: str = ".complete", depth: int = 1
+    ) -> None:
+        self.folder = folder
+        self.expected = expected
+        self.marker = marker
+        self.depth = depth
+        self.looks = 0
+        self.incomplete: list[str] = []
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="series-watcher", daemon=True)
+
+    def start(self) -> SeriesWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> SeriesWatcher:
+        self._stop.set()
+        self._thread.join(10)
+        return self
+
+    def _series(self) -> list[Path]:
+        level = [self.folder]
+        for _ in range(self.depth):
+            nxt: list[Path] = []
+            for parent in level:
+                with contextlib.suppress(OSError):
+                    nxt.extend(
+                        Path(e.path)
+                        for e in os.scandir(parent)
+                        if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+                    )
+            level = nxt
+        return level
+
+    def _count(self, series: Path) -> tuple[int, bool]:
+        files, marker = 0, False
+        for root, dirs, names in os.walk(series):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += sum(1 for n in names if not n.startswith("."))
+            if Path(root) == series and self.marker in names:
+                marker = True
+        return files, marker
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for series in self._series():
+                files, marker = self._count(series)
+                self.looks += 1
+                self.seen.add(series.name)
+                if files < self.expected or not marker:
+                    self.incomplete.append(f"{series}: {files} file(s), marker {marker}")
+            time.sleep(0.002)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (inode, mtime_ns) of the visible files below ``folder``.
+
+    A file whose inode and mtime did not change between two snapshots was not uploaded again
+    (every upload this project's targets make writes a new file and renames it into place).
+    """
+    found: dict[str, tuple[int, int]] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            st = os.stat(os.path.join(root, name))
+            found[os.path.relpath(os.path.join(root, name), folder)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def check_delivered(remote: Path, task_id: str, files: list[Path], *, folder: str = "") -> Path:
+    """Assert mercure's layout: ``remote/<task id>/`` holds exactly ``files`` (names and bytes)
+    and a ``.complete`` marker naming the job, and no hidden staging folder is left beside it.
+    Returns the series folder. ``folder`` overrides the series folder's relative path."""
+    series = remote / (folder or task_id)
+    assert series.is_dir(), f"{series} missing; {remote} has {sorted(os.listdir(remote))}"
+    hidden = [n for n in os.listdir(series.parent) if n.startswith(".")]
+    assert not hidden, f"left behind in {series.parent}: {hidden}"
+    names = sorted(os.listdir(series))
+    assert names == sorted([f.name for f in files] + [".complete"]), names
+    for src in files:
+        assert (series / src.name).read_bytes() == src.read_bytes(), f"{src.name} differs"
+    assert task_id in (series / ".complete").read_text()
+    return series
+
+
 __all__ = [
     "SSHD",
     "OpenSSHServer",
     "SSHAccount",
+    "SeriesWatcher",
+    "check_delivered",
     "create_ssh_account",
     "delete_ssh_account",
     "fingerprint_of",
     "make_keypair",
     "processes_containing",
     "remove_base_folder",
+    "snapshot",
     "ssh_base_folder",
 ]

@@ -4,6 +4,7 @@ Layout (defaults keep mercure's: ``<folder>/<task id>/<instance>`` plus ``.compl
 
     <folder>/<folder_pattern>/                     the series, complete, with .complete in it
     <folder>/<parent>/.<name>.<task id>.partial/   hidden staging folder while it is sent
+                                                   (``.<task id>.partial`` by default)
     <folder>/<folder_pattern>_<task id>/           if another job's series holds the name
 
 Instances are uploaded into the hidden staging folder (each under a temporary name, renamed
@@ -43,11 +44,12 @@ def series_paths(folder: str, relative: str, task_id: str) -> SeriesPaths:
     base = normpath(folder) if folder not in ("", ".") else "."
     final = join(base, relative)
     parent, name = dirname(final), basename(final)
+    hidden = f".{name}" if name == task_id else f".{name}.{task_id}"
     return SeriesPaths(
         base=base,
         final=final,
         alternate=f"{final}_{task_id}",
-        staging=join(parent, f".{name}.{task_id}{STAGING_SUFFIX}"),
+        staging=join(parent, hidden + STAGING_SUFFIX),
     )
 
 

@@ -36,7 +36,8 @@ def load_private_key(
     what = f"key_file {key_file}" if key_file else "private_key"
     try:
         if key_file:
-            return paramiko.PKey.from_path(Path(key_file).expanduser(), passphrase or None)
+            secret = passphrase.encode() if passphrase else None  # cryptography wants bytes
+            return paramiko.PKey.from_path(Path(key_file).expanduser(), secret)
         assert private_key is not None
         return _key_from_text(private_key, passphrase or None)
     except paramiko.PasswordRequiredException:
@@ -48,9 +49,14 @@ def load_private_key(
             f"cannot read {what}: {exc.strerror or exc}; check the path and its permissions"
         ) from None
     except (paramiko.SSHException, ValueError, TypeError) as exc:
+        text = str(exc)
+        if not passphrase and ("password" in text.lower() or "encrypted" in text.lower()):
+            raise PermanentTargetError(
+                f"{what} is encrypted with a passphrase: set key_passphrase"
+            ) from None
+        hint = "wrong key_passphrase?" if passphrase else "not a private key?"
         raise PermanentTargetError(
-            f"cannot load {what}: {exc} (a wrong key_passphrase, or not a private key in "
-            "OpenSSH or PEM format)"
+            f"cannot load {what}: {text} ({hint} OpenSSH and PEM formats are read)"
         ) from None
 
 
