@@ -11,6 +11,9 @@ Fixtures:
 * ``dispatch_env`` - the core's Dispatcher over a spool in ``tmp_path``, jobs made by hand.
 * ``ssh_account`` / ``openssh_server`` (session) - a local test user and OpenSSH's sshd on a
   free loopback port that lets it in (password or key); see :mod:`mercure.testing_ssh`.
+* ``ssh_known_hosts`` (a known_hosts file trusting ``openssh_server``), ``ssh_destination``
+  (a fresh folder the test user owns), ``own_openssh_server`` (an sshd for one test, to kill
+  or re-key).
 
 Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`DcmtkStoreSCP`,
 :func:`dcmtk_storescu`, :class:`DispatchEnv`, :class:`~mercure.testing_ssh.OpenSSHServer`,
@@ -442,6 +445,29 @@ def openssh_server(ssh_account: SSHAccount) -> Iterator[OpenSSHServer]:
     Tests that kill or re-key a server start an :class:`OpenSSHServer` of their own.
     """
     server = OpenSSHServer(ssh_account, ssh_account.home.parent / "sshd").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ssh_known_hosts(openssh_server: OpenSSHServer, tmp_path: Path) -> Path:
+    """A known_hosts file that trusts ``openssh_server`` and nothing else."""
+    return openssh_server.write_known_hosts(tmp_path / "known_hosts")
+
+
+@pytest.fixture
+def ssh_destination(ssh_account: SSHAccount) -> Path:
+    """A fresh, empty folder owned by ``ssh_account``: a target folder on the "server"."""
+    return ssh_account.folder(f"dest-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def own_openssh_server(ssh_account: SSHAccount) -> Iterator[OpenSSHServer]:
+    """An sshd for one test only, to kill, restart or re-key without disturbing others."""
+    server = OpenSSHServer(ssh_account, ssh_account.home.parent / f"sshd-{uuid.uuid4().hex[:8]}")
+    server.start()
     try:
         yield server
     finally:

@@ -1,0 +1,207 @@
+"""The ``rsync`` target: each job's instances into one folder on a server, with rsync over ssh.
+
+One send is: a check-and-prepare step over ssh (is the target folder there, did an earlier
+try publish this job already, make the hidden staging folder), one ``rsync`` run into the
+staging folder (rsync itself skips files complete there from an earlier, broken try), a
+finishing step that writes ``.complete`` and renames the folder, and mercure's
+``mercure_complete.sh`` when ``run_on_complete`` is set. See
+:mod:`mercure_target_rsync.layout` for the layout and :mod:`mercure_target_rsync.ssh` for
+authentication and host keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mercure.instances import InstanceIndex
+from mercure.logs import get_logger
+from mercure.targets import DeliveryJob, DeliveryResult, PermanentTargetError, Target
+
+from mercure_target_rsync import remote
+from mercure_target_rsync.config import RsyncTargetConfig
+from mercure_target_rsync.layout import SeriesPaths, marker_probe, marker_text, series_paths
+from mercure_target_rsync.ssh import SshContext, program
+
+log = get_logger("mercure.target.rsync")
+#: Pattern fields known without reading an instance's header.
+JOB_FIELDS = frozenset({"filename", "task_id", "target"})
+
+
+class RsyncTarget(Target[RsyncTargetConfig]):
+    """Sends a job with rsync into a hidden staging folder and renames it when complete.
+
+    ``send`` may run in several threads at once: each call has its own private folder, ssh
+    wrapper, askpass socket and child processes, and shares nothing with the others.
+    """
+
+    def paths(self, job: DeliveryJob) -> SeriesPaths:
+        """The job's remote folders, from the series' tags (the same on every retry)."""
+        values = {**job.tags, "task_id": job.task_id, "target": self.name}
+        relative = self.config.folder_pattern.render(values)
+        return series_paths(self.config.folder, relative, job.task_id)
+
+    def plan(self, job: DeliveryJob) -> tuple[dict[str, Path], dict[str, str]]:
+        """Relative path in the job's folder -> local file; and files that cannot be sent."""
+        pattern = self.config.file_pattern
+        index: InstanceIndex | None = None
+        if not set(pattern.fields) <= JOB_FIELDS:
+            index = job.index()
+        planned: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        for path in job.files:
+            if index is not None:
+                if path.name in index.unreadable:
+                    failed[path.name] = index.unreadable[path.name]
+                    continue
+                rel = job.render(pattern, index, path.name, target=self.name)
+            else:
+                values = {"filename": path.name, "task_id": job.task_id, "target": self.name}
+                rel = pattern.render(values)
+            if rel in planned:
+                failed[path.name] = (
+                    f"file_pattern gives {rel!r} for both {planned[rel].name} and {path.name}; "
+                    "include {SOPInstanceUID} or {filename}"
+                )
+                continue
+            if not path.is_file():
+                failed[path.name] = f"{path} is missing from the job folder"
+                continue
+            planned[rel] = path
+        return planned, failed
+
+    def send(self, job: DeliveryJob) -> DeliveryResult:
+        rsync = program(self.config.rsync_path, "rsync")
+        paths = self.paths(job)
+        planned, failed = self.plan(job)
+        if failed:
+            # A series without these instances must not appear as complete: send nothing.
+            return DeliveryResult(
+                failed=failed,
+                error=f"not sent: the series would be incomplete without {len(failed)} "
+                "instance(s) that cannot be sent",
+                permanent=True,
+            )
+        with SshContext(self.config, self.name) as ssh:
+            answer = ssh.remote(
+                "preparing the series folder",
+                remote.PREPARE,
+                paths.base,
+                paths.parent,
+                paths.final,
+                paths.alternate,
+                paths.staging,
+                marker_probe(job.task_id),
+                meanings=remote.MEANINGS,
+                permanent_codes=remote.PERMANENT,
+            )
+            done = _line_value(answer, "DONE")
+            dest = done or paths.staging
+            uploaded = self._rsync(ssh, rsync, planned, dest)
+            final = done
+            if final is None:
+                finished = ssh.remote(
+                    "publishing the series folder",
+                    remote.FINALIZE,
+                    paths.staging,
+                    paths.final,
+                    paths.alternate,
+                    marker_text(job.task_id, self.name),
+                    meanings=remote.MEANINGS,
+                    permanent_codes=remote.PERMANENT,
+                )
+                final = _line_value(finished, "FINAL") or paths.final
+                if final != paths.final:
+                    log.warning(
+                        "the series folder exists already (another job's series); "
+                        "used a name of its own",
+                        target=self.name,
+                        task_id=job.task_id,
+                        taken=paths.final,
+                        folder=final,
+                    )
+            if self.config.run_on_complete:
+                ssh.remote(
+                    "mercure_complete.sh",
+                    remote.HOOK,
+                    paths.base,
+                    final,
+                    self.name,
+                    job.task_id,
+                    meanings={},
+                    permanent_codes=(),
+                    timeout=max(self.config.timeout * 10, 600),
+                )
+        log.info(
+            "series delivered" if done is None else "series was complete already",
+            target=self.name,
+            task_id=job.task_id,
+            folder=final,
+            uploaded=uploaded,
+            already_there=len(planned) - uploaded,
+        )
+        return DeliveryResult(delivered=[p.name for p in planned.values()])
+
+    def _rsync(self, ssh: SshContext, rsync: str, planned: dict[str, Path], dest: str) -> int:
+        """Send ``planned`` into ``dest`` on the server; returns how many files were sent."""
+        tree = ssh.folder / "tree"
+        tree.mkdir()
+        for rel, local in planned.items():
+            link = tree / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(local.resolve(), link)
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        argv = [
+            rsync,
+            "--recursive",
+            "--times",
+            "--copy-links",  # the tree holds links to the job's files
+            "--protect-args",
+            f"--chmod={self.config.chmod}",
+            f"--timeout={self.config.timeout}",
+            "--out-format=%n",
+            "-e",
+            str(ssh.wrapper),
+        ]
+        if self.config.compress:
+            argv.append("--compress")
+        argv += ["--", f"{tree}/", f"{self.config.user}@{host}:{dest}/"]
+        done = ssh.run("rsync", argv, timeout=None)
+        return sum(1 for line in done.stdout.splitlines() if line and not line.endswith("/"))
+
+    def test_connection(self) -> str:
+        program(self.config.rsync_path, "rsync")
+        base = series_paths(self.config.folder, "x", "x").base
+        with SshContext(self.config, self.name) as ssh:
+            out = ssh.remote(
+                "checking the target folder",
+                _TEST,
+                base,
+                "1" if self.config.run_on_complete else "0",
+                meanings=remote.MEANINGS,
+                permanent_codes=remote.PERMANENT,
+            )
+        if "rsync" not in out:
+            raise PermanentTargetError(f"rsync is not installed on {ssh.where}")
+        return f"logged in to {ssh.where}; folder {base} is writable; {out.strip()}"
+
+
+_TEST = r"""
+base=$1 hook=$2
+if [ ! -d "$base" ]; then echo "mercure: folder $base does not exist" >&2; exit 21; fi
+if [ ! -w "$base" ]; then echo "mercure: folder $base: Permission denied" >&2; exit 22; fi
+if [ "$hook" = 1 ] && [ ! -x "$base/mercure_complete.sh" ]; then
+    echo "mercure: run_on_complete is set but $base/mercure_complete.sh is missing" >&2
+    exit 26
+fi
+command -v rsync >/dev/null 2>&1 && rsync --version | head -n 1
+"""
+
+
+def _line_value(output: str, key: str) -> str | None:
+    """``<value>`` of the last line ``<key> <value>`` in a remote step's output."""
+    found = None
+    for line in output.splitlines():
+        if line.startswith(key + " "):
+            found = line[len(key) + 1 :]
+    return found
