@@ -49,7 +49,8 @@ _RULES: list[tuple[re.Pattern[str], str, bool]] = [
      "connection): check the new key with the server's administrator", True),
     (re.compile(r"No \S+ host key is known for|Host key verification failed"),
      "the server's host key is not known", True),
-    (re.compile(r"Permission denied \(|Too many authentication failures|Authentication failed"),
+    (re.compile(r"Permission denied \((publickey|password|keyboard|gssapi|hostbased)|"
+                r"Too many authentication failures|Authentication failed"),
      "login failed: check user, password or key (and the account's authorized_keys)", True),
     (re.compile(r"incorrect passphrase|Load key .*: (invalid format|bad permissions|error)"),
      "the private key cannot be used: check key_file and key_passphrase", True),
@@ -92,13 +93,15 @@ def failure(
 ) -> TargetError:
     """The error for a run of ``what`` that exited with ``code``."""
     found = classify(stderr)
-    known = meanings.get(code) or ("the ssh connection failed" if code == 255 else "failed")
+    known = meanings.get(code) or ("the ssh connection failed" if code == 255 else None)
+    status = f"exit {code}: {known}" if known else f"exit {code}"
     if code in permanent_codes:
-        reason, permanent = known, True
+        reason, permanent = None, True
     elif found is not None:
         reason, permanent = found
     else:
-        reason, permanent = known, False
+        reason, permanent = None, False
     detail = tail(stderr)
-    text = f"{what} failed (exit {code}: {known}): {reason}" + (f"; {detail}" if detail else "")
+    text = f"{what} failed ({status})" + (f": {reason}" if reason else "")
+    text += f"; {detail}" if detail else ""
     return PermanentTargetError(text) if permanent else TargetError(text)

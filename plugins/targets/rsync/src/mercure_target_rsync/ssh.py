@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -269,6 +270,18 @@ class SshContext:
             permanent_codes=permanent_codes,
         )
         found = classify(stderr)
+        if found is not None and found[0].startswith("the server's host key has CHANGED"):
+            sent = re.search(r"SHA256:[A-Za-z0-9+/]{43}", stderr)
+            offending = re.search(r"Offending \S+ key in (\S+)", stderr)
+            host = known_name(self.config.host, self.config.port)
+            return PermanentTargetError(
+                f"{what} on {self.where}: the host key of {host} has CHANGED: the server now "
+                f"sends {sent.group(0) if sent else '(fingerprint not shown)'}, which is not "
+                f"the key in {offending.group(1) if offending else 'known_hosts'}. Either the "
+                "server was reinstalled or someone intercepts the connection: check the new "
+                "fingerprint with the server's administrator before replacing the old key "
+                f"(ssh-keygen -R '{host}')"
+            )
         if found is not None and found[0].startswith("the server's host key is not known"):
             try:
                 offered = ", ".join(f"{t} {fingerprint_of(b)}" for t, b in self.scan_host_keys())
