@@ -9,6 +9,7 @@ arrived with ordinary file functions.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ def own_server(own_openssh_server: OpenSSHServer) -> OpenSSHServer:
 def settings(
     openssh_server: OpenSSHServer, ssh_destination: Path, ssh_known_hosts: Path
 ) -> Callable[..., dict[str, Any]]:
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (apt-get install rsync)")
+
     def make(*, server: OpenSSHServer | None = None, **overrides: Any) -> dict[str, Any]:
         server = server or openssh_server
         values: dict[str, Any] = {

@@ -233,6 +233,30 @@ def test_a_series_folder_taken_by_another_job_gets_its_own_name(
     check_delivered(remote, ref2.id, second, folder=f"1.2.3.4_{ref2.id}")
 
 
+@pytest.mark.parametrize("problem", ["unreadable", "same path"])
+def test_a_series_that_would_be_incomplete_is_not_sent(
+    problem, dispatch_env, settings, remote, tmp_path
+) -> None:
+    """An instance that cannot be sent fails the job at once; nothing appears on the server."""
+    import shutil
+
+    files = make_series(tmp_path / "series", 3)
+    if problem == "unreadable":
+        bad = tmp_path / "series" / "junk.dcm"
+        bad.write_bytes(b"not DICOM at all")
+    else:
+        bad = tmp_path / "series" / "copy.dcm"
+        shutil.copyfile(files[0], bad)  # the same SOP instance under a second name
+    env = dispatch_env.start({"t": settings(file_pattern="{SOPInstanceUID}.dcm")})
+    _ref, where, task = deliver_once(env, [*files, bad])
+    assert where.state == "error"
+    assert task.dispatch_state is not None
+    reasons = task.dispatch_state.failed["t"]
+    assert ("cannot read" if problem == "unreadable" else "for both") in str(reasons)
+    assert "would be incomplete" in (task.error or "")
+    assert os.listdir(remote) == []
+
+
 # -- retries --------------------------------------------------------------------------------
 
 

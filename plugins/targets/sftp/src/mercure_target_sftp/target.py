@@ -108,6 +108,9 @@ class SftpTarget(Target[SftpTargetConfig]):
                     "include {SOPInstanceUID} or {filename}"
                 )
                 continue
+            if not path.is_file():
+                failed[path.name] = f"{path} is missing from the job folder"
+                continue
             planned[rel] = path
         return planned, failed
 
@@ -179,7 +182,7 @@ class SftpTarget(Target[SftpTargetConfig]):
         )
         if session.rename_folder(paths.staging, paths.alternate):
             return paths.alternate
-        raise TargetError(
+        raise PermanentTargetError(
             f"cannot publish {paths.staging}: both {paths.final} and {paths.alternate} exist on "
             f"{session.where}; move one of them away"
         )
