@@ -412,6 +412,9 @@ class DispatchEnv:
         if self.dispatcher is not None:
             self.dispatcher.close()
             self.dispatcher = None
+        if self.runtime is not None:
+            self.runtime.close()  # the targets' close()
+            self.runtime = None
 
 
 @pytest.fixture

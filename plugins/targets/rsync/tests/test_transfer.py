@@ -106,7 +106,7 @@ def test_sshd_killed_mid_transfer_then_the_retry_completes(
 
 
 def test_no_password_or_key_material_in_logs_task_files_or_processes(
-    dispatch_env, settings, ssh_account, remote: Path, tmp_path: Path, capfd
+    dispatch_env, settings, ssh_account, remote: Path, tmp_path: Path, capfd, monkeypatch
 ) -> None:
     """While rsync and ssh run, no process shows the password, the passphrase or the key in
     its command line or environment; logs and the spool do not hold them either."""
@@ -125,13 +125,15 @@ def test_no_password_or_key_material_in_logs_task_files_or_processes(
             ours.update(processes_containing("mercure-rsync-"))
             time.sleep(0.005)
 
+    monkeypatch.setenv("TEST_RSYNC_PASSWORD", ssh_account.password)
     private = set(Path(tempfile.gettempdir()).glob("mercure-rsync-*"))
     watcher = threading.Thread(target=watch_processes)
     watcher.start()
     try:
         env = dispatch_env.start(
             {
-                "pw": settings(key_file=None, password=ssh_account.password),
+                # From the environment: ssh and rsync must not inherit that variable.
+                "pw": settings(key_file=None, password="${env:TEST_RSYNC_PASSWORD}"),
                 "key": settings(
                     key_file=None,
                     private_key=key_text,

@@ -33,6 +33,10 @@ from mercure_target_rsync.config import RsyncTargetConfig
 from mercure_target_rsync.errors import PERMANENT_EXIT, RSYNC_EXIT, classify, failure, tail
 
 HOST_KEY_ALGORITHMS = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256"}
+#: The environment variables ssh and rsync get from the router's (plus ``LC_*``).
+PASSED_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "SSH_AUTH_SOCK"}
+)
 
 
 def fingerprint_of(blob_b64: str) -> str:
@@ -123,10 +127,13 @@ class SshContext:
         if methods:
             options += ["-o", "PreferredAuthentications=" + ",".join(methods)]
         secrets = [s for s in (cfg.password, cfg.key_passphrase) if s]
-        # Inherited variables that hold a secret (a ${env:...} reference) are not passed on.
-        self.env = {k: v for k, v in os.environ.items() if not any(s in v for s in secrets)}
-        for name in ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY"):
-            self.env.pop(name, None)
+        # Only what ssh and rsync need: the router's environment may hold secrets of any
+        # target (``${env:...}`` references), and children would inherit them all.
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if (k in PASSED_ENV or k.startswith("LC_")) and not any(s in v for s in secrets)
+        }
         if secrets:
             self.askpass = AskpassServer(
                 self.folder, password=cfg.password, passphrase=cfg.key_passphrase, key_file=key

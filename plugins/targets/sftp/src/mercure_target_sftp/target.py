@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from posixpath import join
-from typing import Any
 
 import paramiko
 from mercure.instances import InstanceIndex
+from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
 from mercure.targets import (
     DeliveryJob,
@@ -41,7 +40,7 @@ class SftpTarget(Target[SftpTargetConfig]):
     """
 
     def __init__(
-        self, name: str, config: SftpTargetConfig, context: Mapping[str, Any] | None = None
+        self, name: str, config: SftpTargetConfig, context: PluginContext | None = None
     ) -> None:
         super().__init__(name, config, context)
         self._key_lock = threading.Lock()
