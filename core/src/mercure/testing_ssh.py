@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -88,20 +89,17 @@ def create_ssh_account(base: Path) -> SSHAccount:
         _need(Path(tool), "passwd")
     user = f"mtest{secrets.token_hex(4)}"
     home = base / "home"
-    subprocess.run(
+    _user_tool(
         ["/usr/sbin/useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
-         "--user-group", user],
-        check=True,
-        capture_output=True,
+         "--user-group", user]
     )  # fmt: skip
     password = "pw-" + secrets.token_urlsafe(12)
-    subprocess.run(
-        ["/usr/sbin/chpasswd"], input=f"{user}:{password}\n".encode(), check=True,
-        capture_output=True,
-    )  # fmt: skip
-    import pwd
-
-    entry = pwd.getpwnam(user)
+    try:
+        _user_tool(["/usr/sbin/chpasswd"], f"{user}:{password}\n")
+        entry = pwd.getpwnam(user)
+    except BaseException:
+        _user_tool(["/usr/sbin/userdel", user], check=False)
+        raise
     home.mkdir(parents=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)
     home.chmod(0o755)
@@ -122,7 +120,20 @@ def create_ssh_account(base: Path) -> SSHAccount:
 
 def delete_ssh_account(account: SSHAccount) -> None:
     """Remove the user again (its files are removed with the session's folders)."""
-    subprocess.run(["/usr/sbin/userdel", account.user], check=False, capture_output=True)
+    _user_tool(["/usr/sbin/userdel", account.user], check=False)
+
+
+def _user_tool(argv: list[str], stdin: str | None = None, *, check: bool = True) -> None:
+    """Run useradd & co.; another process editing /etc/passwd at that moment is retried."""
+    for attempt in range(5):
+        done = subprocess.run(
+            argv, input=stdin.encode() if stdin else None, capture_output=True, check=False
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.2 * (attempt + 1))
+    if check:
+        raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr.decode()}")
 
 
 def _children(pid: int) -> list[int]:

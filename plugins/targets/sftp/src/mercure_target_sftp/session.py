@@ -304,9 +304,12 @@ class Session:
         if parent not in self._dirs:
             self.mkdir(parent)
         tmp = part_name(remote)
-        with remote_errors(self.where, f"uploading {local.name} to {remote}"):
-            with open(local, "rb") as fh:
-                self.sftp.putfo(fh, tmp, file_size=size, confirm=True)
+        try:
+            fh = open(local, "rb")  # noqa: SIM115 - closed below; a local error is not remote
+        except OSError as exc:
+            raise TargetError(f"cannot read {local}: {exc.strerror or exc}") from None
+        with fh, remote_errors(self.where, f"uploading {local.name} to {remote}"):
+            self.sftp.putfo(fh, tmp, file_size=size, confirm=True)
             self.replace(tmp, remote)
 
     def write_text(self, remote: str, text: str) -> None:
