@@ -606,3 +606,34 @@ def test_config_class_is_mercures_model() -> None:
     # mercure code reads these attribute names; they must all exist on the model.
     for name in MERCURE_DEFAULTS:
         assert name in Config.model_fields, name
+
+
+def test_an_untyped_target_gets_the_first_type_it_fits_in_mercures_order(
+    plugin_manager: PluginManager, register_plugin: Any
+) -> None:
+    """mercure's own test configuration has an sftp target given as folder, user and host."""
+
+    class SftpConfig(TargetConfig):
+        target_type: Literal["sftp"] = "sftp"
+        folder: str
+        user: str
+        host: str
+        password: str | None = None
+
+    class Plugin:
+        @hookimpl
+        def register_targets(self, register: RegisterFn) -> None:
+            register("sftp", SftpConfig, _NullTarget)
+
+    register_plugin(Plugin(), "fake_sftp")
+    config, _ = validate_config(
+        {
+            "targets": {
+                "cluster": {"folder": "/in", "user": "u", "host": "h"},
+                "local": {"folder": "/data/out"},
+            }
+        },
+        plugin_manager.registry,
+    )
+    assert config.targets["cluster"].target_type == "sftp"
+    assert config.targets["local"].target_type == "folder"

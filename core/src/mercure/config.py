@@ -287,6 +287,32 @@ def _json_loc(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
     return tuple(path)
 
 
+#: mercure parses a target without ``target_type`` as the first of these whose fields it fits.
+UNTYPED_TARGET_ORDER = (
+    "dicom", "dicomtls", "dicomweb", "sftp", "rsync", "xnat", "s3", "folder", "dummy"
+)  # fmt: skip
+
+
+def _untyped_target_type(target: Mapping[str, Any], registry: Registry) -> str:
+    """The type mercure would give a target written without ``target_type``.
+
+    Tried in mercure's order among the installed types; when none fits, ``dicom`` (the type
+    of mercure's oldest configurations), so that the errors are reported against it.
+    """
+    for type_name in UNTYPED_TARGET_ORDER:
+        if type_name not in registry.names("target"):
+            continue
+        model = registry.get("target", type_name).config_model
+        if model is None:
+            continue
+        try:
+            model.model_validate({**target, "target_type": type_name})
+        except ValidationError:
+            continue
+        return type_name
+    return "dicom"
+
+
 def _config_model(registry: Registry) -> type[Config]:
     """A Config subclass whose ``targets`` is the tagged union of the registered target models."""
     models = registry.config_models("target")
@@ -318,8 +344,7 @@ def validate_config(
         cleaned_targets: dict[str, Any] = {}
         for name, target in targets.items():
             if isinstance(target, dict) and "target_type" not in target:
-                # mercure's oldest configurations have DICOM targets without a type.
-                target = {**target, "target_type": "dicom"}
+                target = {**target, "target_type": _untyped_target_type(target, registry)}
             ttype = target.get("target_type") if isinstance(target, dict) else None
             if isinstance(ttype, str) and ttype not in known_types:
                 from mercure.registry import UnknownTypeError
