@@ -5,8 +5,9 @@ macros ``@rule@``, ``@task_id@`` and ``@event@``, then renders the text as a Jin
 with ``rule``, ``task_id``, ``event`` (``RECEIVED``/``COMPLETED``/``ERROR``), ``details``,
 ``DeviceSerialNumber`` and, for the webhook, ``body`` (the rendered
 ``notification_payload_body``, escaped to sit inside a JSON string). Patient data (``acc``,
-``mrn``, ``patient_name``) is real only with ``phi_notifications: true``; otherwise the webhook
-templates see ``UNKNOWN`` and the e-mail template sees nothing. The webhook payload is
+``mrn``, ``patient_name``) is real only with ``phi_notifications: true`` (a tag the series
+lacks is ``MISSING``, as in mercure's task file); otherwise the webhook templates see
+``UNKNOWN`` and the e-mail template sees nothing. The webhook payload is
 ``notification_payload`` wrapped in braces and parsed as JSON. E-mails go to each address of
 the comma-separated ``notification_email`` with the subject ``[Mercure] Rule <name>: <EVENT>``.
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from mercure.config import Rule
 
 UNKNOWN = "UNKNOWN"
+MISSING = "MISSING"
+"""What mercure's task file holds for a patient tag the series lacks."""
 _ENV = SandboxedEnvironment()
 
 
@@ -72,10 +75,15 @@ def render_notification(
 ) -> Notification:
     """Render a rule's webhook and e-mail notification for one job.
 
-    ``patient`` holds ``acc``, ``mrn`` and ``patient_name`` of the job (used only if ``phi``).
+    ``patient`` holds ``acc``, ``mrn`` and ``patient_name`` of the job (used only if ``phi``;
+    ``None`` for a tag the series lacks).
     A template that cannot be rendered leaves :attr:`Notification.problem` set.
     """
     patient = patient or {}
+
+    def patient_value(key: str) -> str:
+        value = patient.get(key)
+        return MISSING if value is None else value
 
     def render(text: str, context: Mapping[str, Any], field: str) -> str:
         return render_template(
@@ -95,9 +103,9 @@ def render_notification(
         phi_data: dict[str, Any] = {"acc": UNKNOWN, "mrn": UNKNOWN, "patient_name": UNKNOWN}
         if phi:
             phi_data = {
-                "acc": patient.get("acc") or "",
-                "mrn": patient.get("mrn") or "",
-                "patient_name": patient.get("patient_name") or "",
+                "acc": patient_value("acc"),
+                "mrn": patient_value("mrn"),
+                "patient_name": patient_value("patient_name"),
             }
         phi_data["DeviceSerialNumber"] = device_serial_number
         try:
@@ -119,9 +127,9 @@ def render_notification(
         email_context: dict[str, Any] = {"DeviceSerialNumber": device_serial_number}
         if phi:
             email_context.update(
-                acc=patient.get("acc") or "",
-                mrn=patient.get("mrn") or "",
-                patient_name=patient.get("patient_name"),
+                acc=patient_value("acc"),
+                mrn=patient_value("mrn"),
+                patient_name=patient_value("patient_name"),
             )
         try:
             email_body = render(
@@ -145,4 +153,4 @@ def render_notification(
     )
 
 
-__all__ = ["UNKNOWN", "RenderError", "render_notification", "render_template"]
+__all__ = ["MISSING", "UNKNOWN", "RenderError", "render_notification", "render_template"]
