@@ -17,17 +17,22 @@ Fixtures:
 
 Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`DcmtkStoreSCP`,
 :func:`dcmtk_storescu`, :class:`DispatchEnv`, :class:`~mercure.testing_ssh.OpenSSHServer`,
-:func:`~mercure.testing_ssh.processes_containing`.
+:func:`~mercure.testing_ssh.processes_containing`, :func:`store_instances` (a C-STORE SCU
+without DCMTK), :func:`start_router` (with a manager holding test plugins such as an
+:class:`EventRecorder`), :func:`outbox_records` and :func:`wait_for_notifications` (for
+notifier plugins).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +41,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from mercure import hookimpl
 from mercure.config import Config, validate_config
+from mercure.events import TaskEvent, TaskEventType
 from mercure.plugins import PluginManager, build_plugin_manager
 from mercure.testing_ssh import OpenSSHServer as OpenSSHServer
 from mercure.testing_ssh import SSHAccount as SSHAccount
@@ -329,6 +336,94 @@ def start_router(config: Config, plugins: PluginManager | None = None) -> Iterat
     """Generator form of ``running_router`` for custom configurations (use with ``yield from``
     or ``contextlib.contextmanager``); ``plugins``: a manager with test plugins registered."""
     yield from _run(config, plugins)
+
+
+class EventRecorder:
+    """An ``on_task_event`` observer that keeps every event; pass it to :func:`start_router`."""
+
+    def __init__(self) -> None:
+        self._events: list[TaskEvent] = []
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def on_task_event(self, event: TaskEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def events(self, *types: TaskEventType) -> list[TaskEvent]:
+        """The events so far, in order; only those of ``types`` if any are given."""
+        with self._lock:
+            return [e for e in self._events if not types or e.type in types]
+
+
+def store_instances(
+    files: Sequence[Path],
+    port: int,
+    *,
+    aec: str = "MERCURE",
+    aet: str = "STORESCU",
+    host: str = "127.0.0.1",
+) -> None:
+    """Send DICOM files over one association with pynetdicom (no DCMTK needed).
+
+    Fails the test if the association is refused or any instance is not stored with status
+    Success, naming the file and the status.
+    """
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    datasets = [dcmread(path) for path in files]
+    ae = AE(ae_title=aet)
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    if len(contexts) > 128:
+        pytest.fail(f"{len(contexts)} presentation contexts needed; an association has 128")
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=aec)
+    if not assoc.is_established:
+        pytest.fail(f"association with {aec} at {host}:{port} was not established")
+    try:
+        for path, ds in zip(files, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code != 0x0000:
+                shown = "no answer" if code is None else f"0x{code:04X}"
+                pytest.fail(f"C-STORE of {path.name} to {host}:{port} ended with {shown}")
+    finally:
+        assoc.release()
+
+
+def outbox_records(config: Config) -> list[dict[str, Any]]:
+    """Every finished notification record (delivered or given up), in order of finishing."""
+    from mercure.services.runtime import outbox_folder
+
+    done = outbox_folder(config) / "done"
+    records = []
+    for path in done.glob("*/*.json"):
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next poll sees it
+    return sorted(records, key=lambda r: float(r.get("finished_at", 0)))
+
+
+def wait_for_notifications(
+    config: Config, count: int, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """Wait until the outbox has ``count`` finished records and nothing pending; return them."""
+    from mercure.outbox import Outbox
+    from mercure.services.runtime import outbox_folder
+
+    outbox = Outbox(outbox_folder(config), fsync=False)
+
+    def finished() -> list[dict[str, Any]] | None:
+        records = outbox_records(config)
+        return records if len(records) >= count and outbox.count() == 0 else None
+
+    found: list[dict[str, Any]] = wait_for(
+        finished, timeout=timeout, what=f"{count} finished notifications in the outbox"
+    )
+    return found
 
 
 @pytest.fixture

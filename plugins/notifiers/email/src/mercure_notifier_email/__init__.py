@@ -1,0 +1,1 @@
+"""mercure notifier plugin ``email``."""
