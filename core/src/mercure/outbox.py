@@ -140,8 +140,14 @@ class Outbox:
         entry.path = new
         return new
 
-    def finish(self, entry: OutboxEntry, outcome: Outcome, detail: str) -> Path:
-        """Write the record to ``done/<task id>/`` and remove the pending entry."""
+    def finish(
+        self, entry: OutboxEntry, outcome: Outcome, detail: str, *, tried: bool = True
+    ) -> Path:
+        """Write the record to ``done/<task id>/`` and remove the pending entry.
+
+        ``tried``: this outcome came from a try at sending (counted in the record's ``tries``),
+        not from a notification that could not be sent at all.
+        """
         assert entry.path is not None
         n = entry.notification
         record = {
@@ -150,8 +156,7 @@ class Outbox:
             "detail": detail,
             "finished_at": time.time(),
         }
-        if outcome == "delivered":
-            record["tries"] = entry.tries + 1
+        record["tries"] = entry.tries + (1 if tried else 0)
         folder = self.done / safe_component(n.task_id or "no-task")
         folder.mkdir(exist_ok=True)
         final = folder / f"{n.id}-{safe_component(entry.notifier)}.json"

@@ -8,6 +8,7 @@ that hangs or raises only delays other notifications, never a job.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from mercure.events import TaskEvent, TaskEventType
 from mercure.metrics import Metric
@@ -45,12 +46,19 @@ class NotifierService(Service):
         note = entry.notification
         log = self.log.bind(task_id=note.task_id, rule=note.rule_name, notifier=entry.notifier)
         if note.problem:
-            self._finish(entry, "given up", note.problem)
+            self._finish(entry, "given up", note.problem, tried=False)
             return
         try:
             notifier = self.runtime.notifier(entry.notifier)
         except KeyError:
-            self._finish(entry, "given up", f"notifier '{entry.notifier}' is not configured")
+            reason = f"notifier '{entry.notifier}' is not configured"
+            self._finish(entry, "given up", reason, tried=False)
+            return
+        except Exception as exc:
+            # A notifier that cannot start (its server unknown yet, ...) is a failed try: the
+            # entry is retried and finally given up, never stuck in the queue uncounted.
+            reason = f"{exc}".strip() or exc.__class__.__name__
+            self._failed(entry, f"notifier '{entry.notifier}' did not start: {reason}", log)
             return
         try:
             receipt = notifier.send(note)
@@ -58,26 +66,29 @@ class NotifierService(Service):
             self._finish(entry, "given up", f"{exc}".strip() or exc.__class__.__name__)
             return
         except Exception as exc:
-            reason = f"{exc}".strip() or exc.__class__.__name__
-            config = self.runtime.config
-            if entry.tries + 1 >= config.notification_retries:
-                tries = entry.tries + 1
-                entry.errors.append(reason)
-                self._finish(entry, "given up", f"gave up after {tries} tries: {reason}")
-                return
-            delay = backoff(entry.tries + 1, config.notification_retry_delay, RETRY_CAP)
-            self.runtime.outbox.reschedule(entry, reason, delay)
-            log.warning("notification failed; will retry", in_seconds=round(delay, 1), error=reason)
-            self.runtime.metrics(
-                Metric("notifications.failures", 1, {"notifier": entry.notifier}, service=NAME)
-            )
+            self._failed(entry, f"{exc}".strip() or exc.__class__.__name__, log)
             return
         self._finish(entry, "delivered", receipt or "sent")
 
-    def _finish(self, entry: OutboxEntry, outcome: str, detail: str) -> None:
+    def _failed(self, entry: OutboxEntry, reason: str, log: Any) -> None:
+        """A retryable failure: reschedule with backoff, or give up after the last try."""
+        config = self.runtime.config
+        self.runtime.metrics(
+            Metric("notifications.failures", 1, {"notifier": entry.notifier}, service=NAME)
+        )
+        if entry.tries + 1 >= config.notification_retries:
+            tries = entry.tries + 1
+            entry.errors.append(reason)
+            self._finish(entry, "given up", f"gave up after {tries} tries: {reason}")
+            return
+        delay = backoff(entry.tries + 1, config.notification_retry_delay, RETRY_CAP)
+        self.runtime.outbox.reschedule(entry, reason, delay)
+        log.warning("notification failed; will retry", in_seconds=round(delay, 1), error=reason)
+
+    def _finish(self, entry: OutboxEntry, outcome: str, detail: str, *, tried: bool = True) -> None:
         note = entry.notification
         self.runtime.outbox.finish(
-            entry, "delivered" if outcome == "delivered" else "given up", detail
+            entry, "delivered" if outcome == "delivered" else "given up", detail, tried=tried
         )
         kind = (
             TaskEventType.NOTIFICATION_SENT
@@ -101,7 +112,7 @@ class NotifierService(Service):
                 info=f"{note.event}: {detail}",
                 rule=note.rule_name,
                 time=time.time(),
-                extra={"notification_id": note.id, "tries": entry.tries + 1},
+                extra={"notification_id": note.id, "tries": entry.tries + (1 if tried else 0)},
             )
         )
 
