@@ -355,6 +355,20 @@ class EventRecorder:
         with self._lock:
             return [e for e in self._events if not types or e.type in types]
 
+    def wait(self, *types: TaskEventType, count: int = 1, timeout: float = 30.0) -> list[TaskEvent]:
+        """Wait until at least ``count`` events of ``types`` were seen; return them all.
+
+        Events follow the durable change they report, so a test that saw the change (a file,
+        an outbox record) waits here for its event.
+        """
+        names = ", ".join(t.value for t in types) or "any"
+        found: list[TaskEvent] = wait_for(
+            lambda: (lambda seen: seen if len(seen) >= count else None)(self.events(*types)),
+            timeout=timeout,
+            what=f"{count} task event(s) of type {names}",
+        )
+        return found
+
 
 def store_instances(
     files: Sequence[Path],
