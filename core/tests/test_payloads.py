@@ -59,6 +59,19 @@ def test_patient_data_only_with_phi_notifications() -> None:
     assert on.email_body == "Doe^Jane|MRN42|ACC42"
 
 
+def test_with_phi_a_tag_the_series_lacks_is_missing_as_in_mercures_task_file() -> None:
+    """mercure's task file holds MISSING for an absent PatientID/AccessionNumber/PatientName."""
+    rule = Rule(
+        notification_webhook="http://h",
+        notification_payload='"who": "{{ patient_name }}", "mrn": "{{ mrn }}", "acc": "{{ acc }}"',
+        notification_email="a@example.org",
+        notification_email_body="{{ patient_name }}|{{ mrn }}|{{ acc }}",
+    )
+    note = render_notification("error", "r", rule, "t", patient={"patient_name": ""}, phi=True)
+    assert note.webhook_payload == {"who": "", "mrn": "MISSING", "acc": "MISSING"}
+    assert note.email_body == "|MISSING|MISSING"  # present but empty stays empty
+
+
 def test_email_recipients_subject_and_type() -> None:
     rule = Rule(
         notification_email="a@example.org, b@example.org",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mercure.events import TaskEventType
+from mercure.plugins import build_plugin_manager
 from mercure.testing import (
     EventRecorder,
     config_for,
@@ -53,8 +54,10 @@ def test_all_notifiers_down_a_200_instance_series_is_delivered(tmp_path: Path) -
         },
     )
     recorder = EventRecorder()
+    manager = build_plugin_manager()
+    manager.register(recorder, "event-recorder")
     with capture_logs() as logs:
-        router_run = start_router(config, plugins=[recorder])
+        router_run = start_router(config, manager)
         router = next(router_run)
         try:
             store_instances(make_series(tmp_path / "s", 200, rows=8, columns=8), router.port)

@@ -339,7 +339,11 @@ def start_router(config: Config, plugins: PluginManager | None = None) -> Iterat
 
 
 class EventRecorder:
-    """An ``on_task_event`` observer that keeps every event; pass it to :func:`start_router`."""
+    """An ``on_task_event`` observer that keeps every event.
+
+    Register it on the manager given to :func:`start_router`:
+    ``manager = build_plugin_manager(); manager.register(EventRecorder(), "events")``.
+    """
 
     def __init__(self) -> None:
         self._events: list[TaskEvent] = []

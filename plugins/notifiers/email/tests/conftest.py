@@ -25,6 +25,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from mercure.config import Config
 from mercure.lifecycle import PluginContext
+from mercure.plugins import build_plugin_manager
 from mercure.testing import EventRecorder, RunningRouter, free_port, start_router
 from mercure_notifier_email import EmailNotifier, EmailSettings
 
@@ -175,7 +176,9 @@ def router_for() -> Iterator[RouterFactory]:
 
     def start(config: Config) -> tuple[RunningRouter, EventRecorder]:
         recorder = EventRecorder()
-        generator = start_router(config, plugins=[recorder])
+        manager = build_plugin_manager()
+        manager.register(recorder, "event-recorder")
+        generator = start_router(config, manager)
         router = next(generator)
         stack.callback(generator.close)
         return router, recorder

@@ -20,6 +20,7 @@ import pytest
 import trustme
 from mercure.config import Config
 from mercure.lifecycle import PluginContext
+from mercure.plugins import build_plugin_manager
 from mercure.testing import EventRecorder, RunningRouter, start_router
 from mercure_notifier_webhook import WebhookNotifier, WebhookSettings
 from pytest_httpserver import HTTPServer
@@ -97,7 +98,9 @@ def router_for() -> Iterator[RouterFactory]:
 
     def start(config: Config) -> tuple[RunningRouter, EventRecorder]:
         recorder = EventRecorder()
-        generator = start_router(config, plugins=[recorder])
+        manager = build_plugin_manager()
+        manager.register(recorder, "event-recorder")
+        generator = start_router(config, manager)
         router = next(generator)
         stack.callback(generator.close)
         return router, recorder
