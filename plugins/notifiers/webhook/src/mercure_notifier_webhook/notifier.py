@@ -11,7 +11,6 @@ a webhook URL (Slack, Teams) does not end up in logs and outbox records.
 from __future__ import annotations
 
 import json
-import threading
 from importlib.metadata import PackageNotFoundError, version
 
 import httpx
@@ -43,7 +42,6 @@ class WebhookNotifier(Notifier[WebhookSettings]):
     _client: httpx.Client | None = None
 
     def start(self) -> None:
-        self._lock = threading.Lock()
         self._client = httpx.Client(
             verify=tls_context(self.settings.ca_bundle),
             timeout=httpx.Timeout(self.settings.timeout),
