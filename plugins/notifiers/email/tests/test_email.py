@@ -10,6 +10,7 @@ from mercure.notifiers import Notification, NotificationError, PermanentNotifica
 from mercure.testing import free_port
 from mercure_notifier_email import EmailNotifier
 
+pytestmark = pytest.mark.peer  # talks to a real SMTP server started by the tests
 MakeNotifier = Callable[..., EmailNotifier]
 StartServer = Callable[..., Any]
 RECIPIENTS = ("a@example.org", "b@example.org", "c@example.org")

@@ -26,6 +26,7 @@ from mercure.testing import (
 )
 from structlog.testing import capture_logs
 
+pytestmark = pytest.mark.peer  # talks to a real SMTP server started by the tests
 RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
 StartServer = Callable[..., Any]
 BODY = "<p>@rule@: {{ event }} for {{ task_id }}</p><p>{{ details }}|{{ patient_name }}</p>"

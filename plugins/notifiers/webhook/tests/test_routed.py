@@ -29,6 +29,7 @@ from mercure.testing import (
 from pytest_httpserver import HTTPServer
 from structlog.testing import capture_logs
 
+pytestmark = pytest.mark.peer  # talks to a real HTTP server started by the tests
 RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
 PAYLOAD = (
     '"rule": "@rule@", "event": "{{ event }}", "task_id": "@task_id@", "text": "{{ body }}", '

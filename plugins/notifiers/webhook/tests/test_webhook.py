@@ -17,6 +17,7 @@ from mercure_notifier_webhook.notifier import shorten_url
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+pytestmark = pytest.mark.peer  # talks to a real HTTP server started by the tests
 MakeNotifier = Callable[..., WebhookNotifier]
 
 
