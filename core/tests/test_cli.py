@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import typer
 from mercure.jobs.store import STATES, JobRef, JobStore
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, read_task
@@ -62,8 +63,16 @@ def write_config(tmp_path: Path, **overrides: Any) -> Path:
 # -- config ------------------------------------------------------------------------------------
 
 
-def test_config_check_valid(cli: typer.Typer) -> None:
-    result = run(cli, "config", "check", str(DATA / "mercure_full.json"))
+def test_config_check_valid(cli: typer.Typer, tmp_path: Path) -> None:
+    # mercure's example names a CA bundle of its host; the installed webhook notifier checks
+    # that the file exists, so this copy points at one that does.
+    data = json.loads((DATA / "mercure_full.json").read_text())
+    ca = tmp_path / "hooks.pem"
+    ca.write_text(trustme.CA().cert_pem.bytes().decode())
+    data["webhook_certificate_location"] = str(ca)
+    path = tmp_path / "mercure.json"
+    path.write_text(json.dumps(data))
+    result = run(cli, "config", "check", str(path))
     assert result.exit_code == 0, result.output
     assert "valid (2 targets, 7 rules, 2 modules)" in result.output
     assert "warning: rules.study_rule.action_trigger" in result.output
