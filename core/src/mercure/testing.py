@@ -17,11 +17,14 @@ Fixtures:
 
 Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`DcmtkStoreSCP`,
 :func:`dcmtk_storescu`, :class:`DispatchEnv`, :class:`~mercure.testing_ssh.OpenSSHServer`,
-:func:`~mercure.testing_ssh.processes_containing`.
+:func:`~mercure.testing_ssh.processes_containing`, :class:`PeerProcess` and
+:func:`port_accepts` (a real server started for the tests and stopped by its PID),
+:func:`folder_router` (a router on loopback that delivers everything to one folder target).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -37,7 +40,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from mercure.config import Config, validate_config
+from mercure.jobs.store import State
 from mercure.plugins import PluginManager, build_plugin_manager
+from mercure.testing_peers import PeerProcess as PeerProcess
+from mercure.testing_peers import port_accepts as port_accepts
 from mercure.testing_ssh import OpenSSHServer as OpenSSHServer
 from mercure.testing_ssh import SSHAccount as SSHAccount
 from mercure.testing_ssh import (
@@ -304,6 +310,10 @@ class RunningRouter:
     supervisor: Any
     port: int
 
+    def jobs(self, state: State = "success") -> int:
+        """How many jobs are in ``state`` (``success``, ``error``, ``outgoing``, ...) now."""
+        return sum(1 for _ in self.supervisor.runtime.store.list([state]))
+
 
 @pytest.fixture
 def running_router(mercure_config: Config) -> Iterator[RunningRouter]:
@@ -475,3 +485,30 @@ def own_openssh_server(ssh_account: SSHAccount) -> Iterator[OpenSSHServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def folder_router(
+    tmp_path: Path, *, manager: PluginManager | None = None, **overrides: Any
+) -> Iterator[RunningRouter]:
+    """A router on 127.0.0.1 whose rule ``all`` sends everything to the folder target ``folder``
+    (``tmp_path / "target"``); ``overrides`` are configuration fields (``plugins={...}``),
+    ``manager`` a plugin manager with test plugins registered."""
+    target = tmp_path / "target"
+    target.mkdir(parents=True, exist_ok=True)
+    overrides.setdefault("dicom_receiver", {"bind_address": "127.0.0.1"})
+    if manager is not None:
+        overrides.setdefault("_registry", manager.registry)
+    config = config_for(
+        tmp_path,
+        targets={"folder": {"target_type": "folder", "folder": str(target)}},
+        rules={"all": {"rule": "True", "target": "folder"}},
+        **overrides,
+    )
+    gen = start_router(config, manager)
+    running = next(gen)
+    try:
+        yield running
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(gen)
