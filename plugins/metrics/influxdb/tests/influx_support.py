@@ -240,6 +240,8 @@ class InfluxV2Server:
 
             def answer(self, status: int, body: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode() if body is not None else b""
+                if status != 204:  # recorded before the answer, which the test may check at once
+                    server.refused.append(status)
                 try:
                     self.send_response(status)
                     if body is not None:
@@ -250,8 +252,6 @@ class InfluxV2Server:
                 except OSError:  # the client gave up (a timeout) or the server is stopping
                     self.close_connection = True
                     return
-                if status != 204:
-                    server.refused.append(status)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
