@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import pytest
+from graphite_support import make_sink
 from mercure.config import ConfigError
 from mercure.metrics import Metric
 from mercure.testing import config_for
-from mercure_metrics_graphite import Encoder, GraphiteSettings, series_name
+from mercure_metrics_graphite import Encoder, GraphiteSendError, GraphiteSettings, series_name
 from pydantic import ValidationError
 
 T = 1700000000.0
@@ -126,3 +128,20 @@ def test_totals_keep_counting_across_batches() -> None:
         f"mercure.master.router.incoming.files 16 {int(T) + 2}",
         f"mercure.master.router.x 0.25 {int(T) + 2}",
     ]
+
+
+def test_an_unreachable_carbon_costs_one_connect_timeout_and_says_so() -> None:
+    """A listener whose backlog is full never completes a connection, as an unreachable host:
+    the sink gives up after ``connect_timeout`` instead of hanging on the sink's thread."""
+    with socket.socket() as listener, socket.socket() as first:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        first.connect(listener.getsockname())  # fills the backlog; nothing accepts
+        sink = make_sink(host="127.0.0.1", port=listener.getsockname()[1], connect_timeout=0.3)
+        sink.start()
+        try:
+            with pytest.raises(GraphiteSendError, match=r"cannot connect to carbon .*: timed out"):
+                sink.send([Metric("events.run", 1, {}, T)])
+        finally:
+            sink.close()
+    assert sink.connects == 0
