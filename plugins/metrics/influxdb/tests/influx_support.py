@@ -14,6 +14,7 @@ import gzip
 import json
 import shutil
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -211,6 +212,8 @@ class InfluxV2Server:
     bucket: str = "mercure"
     port: int = 0
     delay: float = 0.0
+    tls: ssl.SSLContext | None = None
+    """Serve https with this server context (a test CA's certificate)."""
     writes: list[Write] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
@@ -219,7 +222,7 @@ class InfluxV2Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def points(self) -> list[Point]:
@@ -307,6 +310,8 @@ class InfluxV2Server:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -3,10 +3,12 @@ install here), and what happens while InfluxDB is down."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from influx_support import InfluxV2Server, Point, make_sink
 from mercure.metrics import Metric
 from mercure.metrics_hub import MetricsHub
@@ -105,6 +107,39 @@ def test_a_slow_server_costs_one_timeout_and_a_down_one_a_refused_connection(
     finally:
         sink.close()
     assert [len(w.points) for w in influx2.writes][-1] == 3
+
+
+def test_an_unreadable_ca_bundle_fails_the_start_with_its_path(tmp_path: Path) -> None:
+    bundle = tmp_path / "missing-ca.pem"
+    sink = make_sink(host="https://127.0.0.1:1", token="t", org="o", bucket="b",
+                     ca_bundle=str(bundle))  # fmt: skip
+    with pytest.raises(InfluxDBWriteError, match=f"cannot use ca_bundle {bundle}"):
+        sink.start()
+    sink.close()
+
+
+def test_https_with_a_private_ca_in_ca_bundle(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    server = InfluxV2Server(tls=context).start()
+    try:
+        trusted = make_sink(**v2(server, ca_bundle=str(bundle)))
+        untrusted = make_sink(**v2(server))
+        for sink in (trusted, untrusted):
+            sink.start()
+        try:
+            trusted.send(batch(2))
+            with pytest.raises(InfluxDBWriteError, match="CERTIFICATE_VERIFY_FAILED"):
+                untrusted.send(batch(2))
+        finally:
+            trusted.close()
+            untrusted.close()
+        assert server.url.startswith("https://") and len(server.points) == 2
+    finally:
+        server.stop()
 
 
 def test_send_before_start_or_after_close_raises() -> None:

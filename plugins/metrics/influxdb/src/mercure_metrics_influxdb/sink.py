@@ -49,7 +49,12 @@ class InfluxDBSink(MetricsSink[InfluxDBSettings]):
             headers["Authorization"] = f"Token {s.token}"
         verify: ssl.SSLContext | bool = s.verify_tls
         if s.ca_bundle and s.verify_tls:
-            verify = ssl.create_default_context(cafile=s.ca_bundle)
+            try:
+                verify = ssl.create_default_context(cafile=s.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise InfluxDBWriteError(
+                    f"cannot use ca_bundle {s.ca_bundle} of InfluxDB sink '{self.name}': {exc}"
+                ) from exc
         self._client = httpx.Client(
             base_url=s.host,
             headers=headers,
