@@ -20,11 +20,14 @@ Helpers: :func:`make_series`, :func:`free_port`, :func:`wait_for`, :class:`Dcmtk
 :func:`~mercure.testing_ssh.processes_containing`, :func:`store_instances` (a C-STORE SCU
 without DCMTK), :func:`start_router` (with a manager holding test plugins such as an
 :class:`EventRecorder`), :func:`outbox_records` and :func:`wait_for_notifications` (for
-notifier plugins).
+notifier plugins), :class:`PeerProcess` and :func:`port_accepts` (a real server started for
+the tests and stopped by its PID), :func:`folder_router` (a router on loopback that delivers
+everything to one folder target).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -44,7 +47,10 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 from mercure import hookimpl
 from mercure.config import Config, validate_config
 from mercure.events import TaskEvent, TaskEventType
+from mercure.jobs.store import State
 from mercure.plugins import PluginManager, build_plugin_manager
+from mercure.testing_peers import PeerProcess as PeerProcess
+from mercure.testing_peers import port_accepts as port_accepts
 from mercure.testing_ssh import OpenSSHServer as OpenSSHServer
 from mercure.testing_ssh import SSHAccount as SSHAccount
 from mercure.testing_ssh import (
@@ -310,6 +316,10 @@ class RunningRouter:
     config: Config
     supervisor: Any
     port: int
+
+    def jobs(self, state: State = "success") -> int:
+        """How many jobs are in ``state`` (``success``, ``error``, ``outgoing``, ...) now."""
+        return sum(1 for _ in self.supervisor.runtime.store.list([state]))
 
 
 @pytest.fixture
@@ -588,3 +598,30 @@ def own_openssh_server(ssh_account: SSHAccount) -> Iterator[OpenSSHServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def folder_router(
+    tmp_path: Path, *, manager: PluginManager | None = None, **overrides: Any
+) -> Iterator[RunningRouter]:
+    """A router on 127.0.0.1 whose rule ``all`` sends everything to the folder target ``folder``
+    (``tmp_path / "target"``); ``overrides`` are configuration fields (``plugins={...}``),
+    ``manager`` a plugin manager with test plugins registered."""
+    target = tmp_path / "target"
+    target.mkdir(parents=True, exist_ok=True)
+    overrides.setdefault("dicom_receiver", {"bind_address": "127.0.0.1"})
+    if manager is not None:
+        overrides.setdefault("_registry", manager.registry)
+    config = config_for(
+        tmp_path,
+        targets={"folder": {"target_type": "folder", "folder": str(target)}},
+        rules={"all": {"rule": "True", "target": "folder"}},
+        **overrides,
+    )
+    gen = start_router(config, manager)
+    running = next(gen)
+    try:
+        yield running
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(gen)
