@@ -35,7 +35,9 @@ def build_client(config: S3TargetConfig) -> Any:
         signature_version="s3v4",
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
-        retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+        # Retries are the plugin's own (see delivery.py): a PUT whose answer was lost is
+        # checked with a HEAD before it is sent again, which botocore's retries cannot do.
+        retries={"mode": "standard", "total_max_attempts": 1},
         # One connection per upload thread, plus the sending threads' own requests.
         max_pool_connections=config.parallel_uploads + 4,
         s3={"addressing_style": style},

@@ -65,9 +65,9 @@ class S3TargetConfig(TargetConfig):
     #: Seconds to wait for a connection, and for an answer, per request.
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
-    #: Attempts per request by botocore (throttling, 5xx, broken connections) before the
-    #: job's delivery fails and the dispatcher retries it later.
-    max_attempts: int = Field(default=3, ge=1, le=20)
+    #: Tries per object within one delivery attempt (throttling, 5xx, broken connections),
+    #: with a growing pause, before the job's attempt fails and the dispatcher retries it.
+    max_attempts: int = Field(default=4, ge=1, le=20)
 
     @field_validator("bucket")
     @classmethod

@@ -18,12 +18,14 @@ transfer from losing or duplicating anything:
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mercure.jobs.incoming import instance_files
 from mercure.targets import DeliveryJob, DeliveryResult
@@ -43,11 +45,21 @@ from mercure_target_s3.upload import (
     read_small,
 )
 
+T = TypeVar("T")
+
 #: Seconds ``DeliveryJob.more`` waits for the next file of an arriving series per call.
 STREAM_POLL = 0.5
 #: Without a manifest, a streaming send returns after this many seconds without a new file
 #: (the dispatcher hands the job back when more arrive). With one, it stays to the end.
 STREAM_IDLE_RELEASE = 5.0
+#: First pause (seconds) before an upload is tried again; doubled each time, up to the cap.
+BACKOFF_FIRST = 0.25
+BACKOFF_CAP = 5.0
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait after try ``attempt`` failed: exponential, capped, with jitter."""
+    return min(BACKOFF_FIRST * 2 ** (attempt - 1), BACKOFF_CAP) * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -240,7 +252,10 @@ class Delivery:
         """Store ``path`` unless an identical object is there; ``earlier``: delivered before.
 
         A file delivered by an earlier call is only checked: uploaded again if its object is
-        missing or different, trusted when the check itself is refused.
+        missing or different, trusted when the check itself is refused. A request that fails
+        for a passing reason (throttling, 5xx, a broken connection) is tried again here, up
+        to ``max_attempts`` times, after a HEAD: an upload whose answer was lost is then
+        found complete and not sent twice.
         """
         if self.stop.is_set():
             raise NotSent()
@@ -259,39 +274,66 @@ class Delivery:
                 obj = describe(path, key, metadata)
             else:
                 obj, data = read_small(path, key, metadata)
-            done = Done(obj, info.sop_instance_uid, present=True)
-            check = self.config.skip_existing or earlier
-            if check and not self._head_refused:
-                presence = existing(self.client, self.config.bucket, obj)
-                if presence == Presence.SAME:
-                    return done
-                if presence == Presence.UNKNOWN:
-                    self.head_refused()
-                    if earlier:
-                        return done
-            elif earlier:
-                return done
-            if self.stop.is_set():
-                raise NotSent()
-            if data is None:
-                multipart(
-                    self.client,
-                    self.config.bucket,
-                    obj,
-                    self.config.checksum,
-                    self.config.multipart_chunksize,
-                )
-            else:
-                put(self.client, self.config.bucket, obj, data, self.config.checksum)
-            if earlier:
-                with self._lock:
-                    self.healed.append(key)
-            return Done(obj, info.sop_instance_uid, present=False)
         except (NotSent, ObjectFailed):
             raise
         except Exception as exc:
             target = f"s3://{self.config.bucket}/{key}" if key else f"bucket {self.config.bucket}"
             raise ObjectFailed(classify(exc, f"upload of {path.name} to {target}")) from exc
+        what = f"upload of {path.name} to s3://{self.config.bucket}/{key}"
+        return self.attempts(what, lambda: self.store(obj, data, info.sop_instance_uid, earlier))
+
+    def attempts(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, tried again after a passing failure, up to ``max_attempts`` times."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call()
+            except NotSent:
+                raise
+            except Exception as exc:
+                failure = classify(exc, what)
+                last = attempt >= self.config.max_attempts
+                if failure.scope is not Scope.SERVICE or last or self.stop.is_set():
+                    raise ObjectFailed(failure) from exc
+            # Back off; a halt of the job (another upload failed for good) ends the wait.
+            if self.stop.wait(backoff(attempt)):
+                raise NotSent()
+
+    def store(self, obj: LocalObject, data: bytes | None, sop_uid: str, earlier: bool) -> Done:
+        """One try: HEAD (``skip_existing``, or a file delivered before), then the upload.
+
+        On a second try the HEAD finds an object whose upload completed although its answer
+        was lost, so it is not uploaded twice.
+        """
+        done = Done(obj, sop_uid, present=True)
+        check = self.config.skip_existing or earlier
+        if check and not self._head_refused:
+            presence = existing(self.client, self.config.bucket, obj)
+            if presence == Presence.SAME:
+                return done
+            if presence == Presence.UNKNOWN:
+                self.head_refused()
+                if earlier:
+                    return done
+        elif earlier:
+            return done
+        if self.stop.is_set():
+            raise NotSent()
+        if data is None:
+            multipart(
+                self.client,
+                self.config.bucket,
+                obj,
+                self.config.checksum,
+                self.config.multipart_chunksize,
+            )
+        else:
+            put(self.client, self.config.bucket, obj, data, self.config.checksum)
+        if earlier:
+            with self._lock:
+                self.healed.append(obj.key)
+        return Done(obj, sop_uid, present=False)
 
     def claim_key(self, key: str, name: str) -> None:
         if len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -379,18 +421,23 @@ class Delivery:
             tags=self.job.tags,
             entries=entries,
         )
+        what = f"upload of the manifest to s3://{self.config.bucket}/{key}"
         try:
-            put_bytes(
-                self.client,
-                self.config.bucket,
-                key,
-                body,
-                self.config.checksum,
-                manifest.CONTENT_TYPE,
+            self.attempts(
+                what,
+                lambda: put_bytes(
+                    self.client,
+                    self.config.bucket,
+                    key,
+                    body,
+                    self.config.checksum,
+                    manifest.CONTENT_TYPE,
+                ),
             )
-        except Exception as exc:
-            self.manifest_failure = classify(
-                exc, f"upload of the manifest to s3://{self.config.bucket}/{key}"
-            )
+        except ObjectFailed as exc:
+            self.manifest_failure = exc.failure
+            return
+        except NotSent:
+            self.manifest_failure = self.stop_failure
             return
         self.manifest_key = key
