@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -300,6 +300,8 @@ class Seen:
     key: str
     query: str
     status: int | str  # the answer's status, "injected-<status>", "dropped" or "unreachable"
+    headers: dict[str, str] = field(default_factory=dict)  # of the request, names lowercased
+    body: bytes = b""
     at: float = field(default_factory=time.monotonic)
 
 
@@ -366,9 +368,12 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def add(self, rule: Rule) -> None:
+    def add(self, method: str, key: str, action: str, times: int = 1, skip: int = 0) -> Rule:
+        """Add a :class:`Rule`: break requests matching ``method`` and ``key`` (a regex)."""
+        rule = Rule(method, key, action, times, skip)
         with self._lock:
             self.rules.append(rule)
+        return rule
 
     def requests(self, method: str | None = None, status: Any = None) -> list[Seen]:
         with self._lock:
@@ -397,9 +402,12 @@ class FaultProxy:
                     rule.times = 0
         self.released.set()
 
-    def _record(self, method: str, key: str, query: str, status: int | str) -> None:
+    def _record(self, handler: BaseHTTPRequestHandler, body: bytes, status: int | str) -> None:
+        parts = urlsplit(handler.path)
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        seen = Seen(handler.command, unquote(parts.path), parts.query, status, headers, body)
         with self._lock:
-            self.seen.append(Seen(method, key, query, status))
+            self.seen.append(seen)
 
     def relay(self, handler: BaseHTTPRequestHandler) -> None:
         method = handler.command
@@ -408,7 +416,7 @@ class FaultProxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         if not self.gate_open.is_set():
-            self._record(method, key, parts.query, "dropped")
+            self._record(handler, body, "dropped")
             _drop(handler)
             return
         action = self._decide(method, key)
@@ -418,7 +426,7 @@ class FaultProxy:
             self.released.wait(timeout=120)
             action = None
         if action == "drop":
-            self._record(method, key, parts.query, "dropped")
+            self._record(handler, body, "dropped")
             _drop(handler)
             return
         if action in _ERRORS:
@@ -427,7 +435,7 @@ class FaultProxy:
                 f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                 f"<Message>{message}</Message><Resource>{key}</Resource></Error>"
             ).encode()
-            self._record(method, key, parts.query, f"injected-{action}")
+            self._record(handler, body, f"injected-{action}")
             handler.send_response(int(action))
             handler.send_header("Content-Type", "application/xml")
             handler.send_header("Content-Length", str(len(xml)))
@@ -445,7 +453,7 @@ class FaultProxy:
             answer = conn.getresponse()
             data = answer.read()
         except OSError:
-            self._record(method, key, parts.query, "unreachable")
+            self._record(handler, body, "unreachable")
             _drop(handler)
             return
         finally:
@@ -453,10 +461,10 @@ class FaultProxy:
             with self._lock:
                 self.in_flight -= 1
         if action == "lose":
-            self._record(method, key, parts.query, f"lost-{answer.status}")
+            self._record(handler, body, f"lost-{answer.status}")
             _drop(handler)
             return
-        self._record(method, key, parts.query, answer.status)
+        self._record(handler, body, answer.status)
         handler.send_response_only(answer.status, answer.reason)
         for name, value in answer.getheaders():
             if name.lower() not in _HOP and name.lower() != "transfer-encoding":
@@ -562,3 +570,60 @@ def dispatch_env(tmp_path: Path) -> Iterator[DispatchEnv]:
     env = DispatchEnv(tmp_path)
     yield env
     env.close()
+
+
+# -- a target on its own -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_target() -> Iterator[Callable[..., Any]]:
+    """``make_target(settings, name="bucket")``: an S3Target, closed after the test."""
+    from mercure_target_s3 import S3Target, S3TargetConfig
+
+    made: list[Any] = []
+
+    def make(settings: dict[str, Any], name: str = "bucket") -> Any:
+        target = S3Target(name, S3TargetConfig.model_validate(settings), {})
+        made.append(target)
+        return target
+
+    yield make
+    for target in made:
+        target.close()
+
+
+def delivery_job(
+    files: list[Path],
+    *,
+    task_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    more: Any = None,
+    confirm: Any = None,
+) -> Any:
+    """A DeliveryJob of ``files`` (all in one folder, which stands for the job folder)."""
+    from mercure.targets import DeliveryJob
+
+    task_id = task_id or str(uuid.uuid4())
+    tags = dict(tags or {})
+    series_uid = tags.get("SeriesInstanceUID", "1.2.3")
+    task = Task(
+        info=TaskInfo(action="route", uid=series_uid, applied_rule="all"),
+        id=task_id,
+        dispatch=TaskDispatch(target_name="bucket", series_uid=series_uid),
+        tags=tags,
+    )
+    folder = files[0].parent if files else Path(".")
+    return DeliveryJob(
+        task_id=task_id,
+        folder=folder,
+        files=list(files),
+        tags=tags,
+        task=task,
+        more=more,
+        confirm=confirm,
+    )
+
+
+@pytest.fixture
+def job_for() -> Callable[..., Any]:
+    return delivery_job

@@ -21,6 +21,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
     SSLError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
 
 class Scope(enum.Enum):
@@ -115,7 +118,7 @@ def classify(exc: BaseException, what: str) -> Failure:
             f"{what}: TLS certificate of the endpoint not trusted ({exc}); set AWS_CA_BUNDLE "
             "to the CA file of a private store",
         )
-    if isinstance(exc, HTTPClientError):
+    if isinstance(exc, HTTPClientError | BotoConnectionError):
         return Failure(Scope.SERVICE, f"{what}: cannot reach the service ({exc}); will retry")
     if isinstance(exc, ParamValidationError):
         return Failure(Scope.PERMANENT, f"{what}: invalid request ({exc})")
