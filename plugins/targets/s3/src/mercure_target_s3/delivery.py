@@ -132,6 +132,14 @@ class Delivery:
             elif not self.failed and not self.stop.is_set():
                 self.write_manifest()
         result = self.result()
+        if self._head_refused and any(not d.present for d in self.done.values()):
+            self.log.warning(
+                "S3 HeadObject refused: objects already stored cannot be recognised, so a "
+                "retry uploads them again; grant s3:GetObject to these credentials to avoid it",
+                target=self.name,
+                task_id=self.job.task_id,
+                bucket=self.config.bucket,
+            )
         self.log.info(
             "S3 upload finished",
             target=self.name,
@@ -312,10 +320,10 @@ class Delivery:
             presence = existing(self.client, self.config.bucket, obj)
             if presence == Presence.SAME:
                 return done
-            if presence == Presence.UNKNOWN:
-                self.head_refused()
-                if earlier:
-                    return done
+            if presence == Presence.REFUSED:
+                self._head_refused = True  # ask no more in this call; said in run()
+            if presence in (Presence.REFUSED, Presence.UNKNOWN) and earlier:
+                return done  # delivered before and cannot be checked: trust the record
         elif earlier:
             return done
         if self.stop.is_set():
@@ -353,19 +361,6 @@ class Delivery:
                     f"{name}: key {key} is also the key of {other}; add {{filename}} or "
                     "{SOPInstanceUID} to key_pattern",
                 )
-            )
-
-    def head_refused(self) -> None:
-        with self._lock:
-            first = not self._head_refused
-            self._head_refused = True
-        if first:
-            self.log.warning(
-                "S3 HeadObject refused: objects already stored cannot be recognised, so a "
-                "retry uploads them again; grant s3:GetObject to these credentials to avoid it",
-                target=self.name,
-                task_id=self.job.task_id,
-                bucket=self.config.bucket,
             )
 
     # -- the manifest --------------------------------------------------------------------

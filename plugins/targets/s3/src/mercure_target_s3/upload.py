@@ -87,16 +87,18 @@ class Presence:
     """What a HEAD request found under a key."""
 
     SAME = "same"  # size and SHA-256 match: nothing to send
-    ABSENT = "absent"  # no object (or a different one): send it
-    UNKNOWN = "unknown"  # HEAD was refused (no s3:GetObject): cannot tell, send it
+    ABSENT = "absent"  # no object, or a different one: send it
+    REFUSED = "refused"  # HEAD forbidden (403): cannot tell, send it
+    UNKNOWN = "unknown"  # another refusal without a reason (HEAD has no body): send it,
+    # and the upload's answer will tell what is wrong
 
 
 def existing(client: Any, bucket: str, obj: LocalObject) -> str:
     """Whether ``obj`` is already stored, complete, under its key.
 
-    A refused HEAD (403 without a body, so without the service's reason) is ``UNKNOWN``: the
-    upload that follows either works (the credentials may write but not read) or fails with
-    the service's full message. Throttling, 5xx and network errors propagate.
+    A refused HEAD has no body, so no reason: the upload that follows either works (the
+    credentials may write but not read) or fails with the service's full message.
+    Throttling, 5xx and network errors propagate.
     """
     try:
         head = client.head_object(Bucket=bucket, Key=obj.key, ChecksumMode="ENABLED")
@@ -106,7 +108,7 @@ def existing(client: Any, bucket: str, obj: LocalObject) -> str:
             return Presence.ABSENT
         if status >= 500 or status == 429:
             raise
-        return Presence.UNKNOWN
+        return Presence.REFUSED if status == 403 else Presence.UNKNOWN
     if int(head.get("ContentLength", -1)) != obj.size:
         return Presence.ABSENT
     stored = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
