@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 COUNT = 200
+#: Seconds without a new instance before the router calls a series complete: long enough that
+#: a busy test machine does not split the 200 instances into two series (two jobs).
+SERIES_QUIET = 10
 
 
 def _send_over_dicom(files: list[Path], port: int) -> None:
@@ -102,6 +105,7 @@ def test_a_series_through_the_router_arrives_complete(
         tmp_path,
         targets={"store": s3_server.settings(bucket, manifest=True)},
         rules={"all": {"rule": "True", "target": "store"}},
+        series_complete_trigger=SERIES_QUIET,
     )
     reader = Reader(s3_server, bucket)
     reader.start()
@@ -134,6 +138,7 @@ def test_store_killed_mid_job_then_restarted(
         retry_delay=1,
         retry_delay_max=2,
         retry_max=200,
+        series_complete_trigger=SERIES_QUIET,
     )
     # Two uploads are stored but their answers lost; after 60 more the rest wait in the
     # proxy while the store is killed.
