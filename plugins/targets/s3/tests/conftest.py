@@ -598,7 +598,7 @@ def make_target() -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def make(settings: dict[str, Any], name: str = "bucket") -> Any:
-        target = S3Target(name, S3TargetConfig.model_validate(settings), {})
+        target = S3Target(name, S3TargetConfig.model_validate(settings))
         made.append(target)
         return target
 

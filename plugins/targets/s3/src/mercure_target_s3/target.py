@@ -8,11 +8,11 @@ the store for all jobs together, however many jobs are being sent.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
 from mercure.targets import (
     DeliveryJob,
@@ -40,7 +40,7 @@ class S3Target(Target[S3TargetConfig]):
     streaming = True
 
     def __init__(
-        self, name: str, config: S3TargetConfig, context: Mapping[str, Any] | None = None
+        self, name: str, config: S3TargetConfig, context: PluginContext | None = None
     ) -> None:
         super().__init__(name, config, context)
         self._lock = threading.Lock()
