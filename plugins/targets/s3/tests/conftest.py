@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -70,17 +71,43 @@ def weed_program() -> str | None:
     return shutil.which("weed", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
+GRPC_OFFSET = 10000  # SeaweedFS's convention: a component's gRPC port is its port + 10000
+
+
+def _ephemeral_low() -> int:
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_pairs(count: int) -> list[int]:
+    """``count`` free ports ``p`` whose ``p + 10000`` is free too, both below the ephemeral
+    range: a port the store must bind again after a restart is then never taken meanwhile by
+    some connection's local end (the machine is shared with other test runs)."""
+    low, high = 10000, _ephemeral_low() - GRPC_OFFSET
+    if high - low < 1000:  # an unusual ephemeral range: take what is free anywhere
+        low, high = 1024, 65535 - GRPC_OFFSET
+    rng = random.Random()
+    chosen: list[int] = []
+    for _ in range(5000):
+        port = rng.randrange(low, high)
+        if {port, port + GRPC_OFFSET, port - GRPC_OFFSET} & set(chosen):
+            continue
+        if _port_free(port) and _port_free(port + GRPC_OFFSET):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"no {count} free port pairs below {high + GRPC_OFFSET}")
 
 
 def make_client(endpoint: str, who: Identity = ADMIN, **config: Any) -> Any:
@@ -130,16 +157,11 @@ class SeaweedS3:
         )
         (
             self.s3_port,
-            self.s3_grpc,
             self.master_port,
-            self.master_grpc,
             self.volume_port,
-            self.volume_grpc,
             self.filer_port,
-            self.filer_grpc,
             self.admin_port,
-            self.admin_grpc,
-        ) = _free_ports(10)
+        ) = _free_port_pairs(5)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -154,17 +176,17 @@ class SeaweedS3:
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             f"-s3.port={self.s3_port}",
-            f"-s3.port.grpc={self.s3_grpc}",
+            f"-s3.port.grpc={self.s3_port + GRPC_OFFSET}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-master.port={self.master_port}",
-            f"-master.port.grpc={self.master_grpc}",
+            f"-master.port.grpc={self.master_port + GRPC_OFFSET}",
             f"-volume.port={self.volume_port}",
-            f"-volume.port.grpc={self.volume_grpc}",
+            f"-volume.port.grpc={self.volume_port + GRPC_OFFSET}",
             f"-filer.port={self.filer_port}",
-            f"-filer.port.grpc={self.filer_grpc}",
+            f"-filer.port.grpc={self.filer_port + GRPC_OFFSET}",
             f"-admin.port={self.admin_port}",
-            f"-admin.port.grpc={self.admin_grpc}",
+            f"-admin.port.grpc={self.admin_port + GRPC_OFFSET}",
             "-admin.ui=false",
             "-webdav=false",
             "-master.telemetry=false",
@@ -274,6 +296,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 @pytest.fixture
 def bucket(s3_server: SeaweedS3) -> str:
+    if s3_server.proc is None or s3_server.proc.poll() is not None:
+        s3_server.start()  # a test that killed it failed before starting it again
     name = f"t-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=name)
     return name
