@@ -1,7 +1,8 @@
-"""No secret key or session token in logs, task files, error messages or uploaded objects."""
+"""No secret key in logs, task files, error messages, uploaded objects or the process list."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,10 @@ def test_secrets_stay_out_of_logs_and_task_files(
         make_target(bad).test_connection()
     make_target(good).test_connection()
 
+    commands = []  # every process's command line on this machine, the store's included
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            commands.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
     out = capsys.readouterr()
     seen = {
         "logs": caplog.text,
@@ -56,6 +61,7 @@ def test_secrets_stay_out_of_logs_and_task_files(
         "stderr": out.err,
         "spool": _spool_text(tmp_path / "spool"),
         "error": str(task.error),
+        "the process list": "\n".join(commands),
     }
     client = s3_server.client()
     for key in s3_server.keys(bucket):
