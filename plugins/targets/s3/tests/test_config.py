@@ -57,6 +57,17 @@ def test_a_mercure_s3_target_loads_unchanged(tmp_path: Path) -> None:
     assert S3TargetConfig.model_validate(dumped) == target
 
 
+def test_a_target_without_target_type_is_s3_when_it_fits(tmp_path: Path) -> None:
+    """mercure gives an untyped target the first type whose fields it fits."""
+    untyped = {k: v for k, v in MERCURE.items() if k != "target_type"}
+    config = config_for(
+        tmp_path,
+        targets={"bucket": untyped},
+        rules={"all": {"rule": "True", "target": "bucket"}},
+    )
+    assert isinstance(config.targets["bucket"], S3TargetConfig)
+
+
 @pytest.mark.parametrize(
     "field", ["region", "bucket", "prefix", "access_key_id", "secret_access_key"]
 )
