@@ -352,7 +352,8 @@ class Rule:
     Actions: ``"503"`` / ``"500"`` answer with S3's SlowDown / InternalError; ``"drop"``
     breaks the connection before the store sees the request; ``"lose"`` passes the request
     to the store and then breaks the connection instead of answering (the object is stored,
-    the client never hears of it); ``"hold"`` keeps the request until :meth:`release`.
+    the client never hears of it); ``"hold"`` keeps the request until :meth:`release`;
+    ``"corrupt"`` flips one byte of the body on the way to the store.
     """
 
     method: str
@@ -483,6 +484,9 @@ class FaultProxy:
                 handler.wfile.write(xml)
             return
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
+        if action == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
         with self._lock:
             self.in_flight += 1

@@ -133,6 +133,24 @@ def test_passing_failures_are_tried_again(
     assert tries == [broken, broken, 200]
 
 
+def test_bytes_damaged_on_the_way_are_refused_and_sent_again(
+    s3_server: SeaweedS3,
+    bucket: str,
+    fault_proxy: FaultProxy,
+    make_target: Callable[..., Any],
+    job_for: Any,
+    tmp_path: Path,
+) -> None:
+    files = make_series(tmp_path / "series", 3)
+    fault_proxy.add("PUT", files[0].name, "corrupt")
+    target = make_target(s3_server.settings(bucket, endpoint=fault_proxy.endpoint))
+    result = target.send(job_for(files, task_id="c"))
+    assert sorted(result.delivered) == sorted(f.name for f in files)
+    tries = [s.status for s in fault_proxy.requests("PUT") if s.key.endswith(files[0].name)]
+    assert tries == [400, 200]  # refused by the store (the damage is seen), then stored
+    assert s3_server.body(bucket, f"mercure/c/{files[0].name}") == files[0].read_bytes()
+
+
 def test_throttling_that_lasts_fails_the_attempt_for_a_retry(
     s3_server: SeaweedS3,
     bucket: str,

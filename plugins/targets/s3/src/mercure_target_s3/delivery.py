@@ -291,7 +291,7 @@ class Delivery:
         return self.attempts(what, lambda: self.store(obj, data, info.sop_instance_uid, earlier))
 
     def attempts(self, what: str, call: Callable[[], T]) -> T:
-        """``call()``, tried again after a passing failure, up to ``max_attempts`` times."""
+        """``call()``, tried again after a transient failure, up to ``max_attempts`` times."""
         attempt = 0
         while True:
             attempt += 1
@@ -302,7 +302,7 @@ class Delivery:
             except Exception as exc:
                 failure = classify(exc, what)
                 last = attempt >= self.config.max_attempts
-                if failure.scope is not Scope.SERVICE or last or self.stop.is_set():
+                if not failure.transient or last or self.stop.is_set():
                     raise ObjectFailed(failure) from exc
             # Back off; a halt of the job (another upload failed for good) ends the wait.
             if self.stop.wait(backoff(attempt)):

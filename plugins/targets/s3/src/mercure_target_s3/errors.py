@@ -72,13 +72,20 @@ SERVICE_CODES = frozenset(
 )
 
 
+#: Codes of one request damaged on the way: worth sending again at once.
+DAMAGED_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody"})
+
+
 @dataclass(frozen=True)
 class Failure:
-    """A classified failure: its reach and the message for the task file."""
+    """A classified failure: its reach, the message for the task file, and whether the same
+    request is worth trying again at once (throttling, 5xx, a broken connection, damaged
+    bytes) rather than only on the dispatcher's next attempt."""
 
     scope: Scope
     message: str
     code: str = ""
+    transient: bool = False
 
 
 def error_code(exc: ClientError) -> str:
@@ -102,8 +109,8 @@ def classify(exc: BaseException, what: str) -> Failure:
                 Scope.PERMANENT, f"{what} refused: {said} ({PERMANENT_CODES[code]})", code
             )
         if code in SERVICE_CODES or status >= 500 or status == 429:
-            return Failure(Scope.SERVICE, f"{what} failed: {said}; will retry", code)
-        return Failure(Scope.OBJECT, f"{what} failed: {said}", code)
+            return Failure(Scope.SERVICE, f"{what} failed: {said}; will retry", code, True)
+        return Failure(Scope.OBJECT, f"{what} failed: {said}", code, code in DAMAGED_CODES)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
         return Failure(
             Scope.PERMANENT,
@@ -119,11 +126,13 @@ def classify(exc: BaseException, what: str) -> Failure:
             "to the CA file of a private store",
         )
     if isinstance(exc, HTTPClientError | BotoConnectionError):
-        return Failure(Scope.SERVICE, f"{what}: cannot reach the service ({exc}); will retry")
+        return Failure(
+            Scope.SERVICE, f"{what}: cannot reach the service ({exc}); will retry", transient=True
+        )
     if isinstance(exc, ParamValidationError):
         return Failure(Scope.PERMANENT, f"{what}: invalid request ({exc})")
     if isinstance(exc, BotoCoreError):
-        return Failure(Scope.SERVICE, f"{what}: {exc.__class__.__name__}: {exc}")
+        return Failure(Scope.SERVICE, f"{what}: {exc.__class__.__name__}: {exc}", transient=True)
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         return Failure(Scope.OBJECT, f"{what}: cannot read the file: {reason}")
