@@ -36,6 +36,7 @@ KNOWN_DISTRIBUTIONS: dict[Kind, dict[str, str]] = {
     "metrics_sink": {
         "influxdb": "mercure-metrics-influxdb",
         "graphite": "mercure-metrics-graphite",
+        "prometheus": "mercure-metrics-prometheus",
     },
     "receiver": {"dicomweb": "mercure-receiver-dicomweb"},
 }
