@@ -40,6 +40,8 @@ class Probe:
 
     def __init__(self) -> None:
         self.behaviour: Behaviour = deliver_all
+        self.finished: list[tuple[str, list[str]]] = []
+        self.finish_behaviour: Callable[[str], None] = lambda name: None
         self.calls: list[tuple[str, list[str]]] = []
         self.events: list[TaskEvent] = []
         self.lock = threading.Lock()
@@ -56,6 +58,11 @@ class Probe:
                 with probe.lock:
                     probe.calls.append((self.name, [f.name for f in job.files]))
                 return probe.behaviour(self.name, job)
+
+            def finish(self, job: DeliveryJob) -> None:
+                with probe.lock:
+                    probe.finished.append((self.name, sorted(f.name for f in job.files)))
+                probe.finish_behaviour(self.name)
 
         register("probe", ProbeConfig, ProbeTarget)
 
@@ -338,6 +345,54 @@ def test_permanent_failure_goes_to_error_at_once(
     assert dispatch(task).delivered["q"] == names()
     expected_p = [] if how == "raised" else names(2)
     assert dispatch(task).delivered.get("p", []) == expected_p
+
+
+def test_finish_runs_once_per_target_after_every_instance_is_confirmed(
+    make_dispatcher: Callable[..., Dispatcher], probe: Probe
+) -> None:
+    """A completion step (a marker, a rename, a manifest) that fails is retried on its own."""
+    d = make_dispatcher(retry_max=5)
+    add_job(d.runtime, targets=["p", "q"])
+    failures = {"q": 1}
+
+    def flaky_finish(name: str) -> None:
+        if failures.get(name):
+            failures[name] -= 1
+            raise TargetError("manifest upload refused (503)")
+
+    probe.finish_behaviour = flaky_finish
+    d.deliver(make_due(d.runtime))
+    state, task = state_of(d.runtime)
+    assert state == "outgoing"
+    assert dispatch(task).finished == ["p"]
+    assert (
+        "q: completing the series failed: manifest upload refused"
+        in (dispatch(task).attempts[-1].error or "")
+        or dispatch(task).retries == 1
+    )
+    sent_before = len(probe.calls)
+    d.deliver(make_due(d.runtime))
+    state, task = state_of(d.runtime)
+    assert state == "success"
+    assert dispatch(task).finished == ["p", "q"]
+    assert len(probe.calls) == sent_before  # no instance was sent again
+    assert probe.finished == [("p", names()), ("q", names()), ("q", names())]
+
+
+def test_a_permanent_finish_failure_goes_to_error(
+    make_dispatcher: Callable[..., Dispatcher], probe: Probe
+) -> None:
+    d = make_dispatcher()
+    add_job(d.runtime)
+
+    def denied(name: str) -> None:
+        raise PermanentTargetError("403 Forbidden: cannot write the .complete marker")
+
+    probe.finish_behaviour = denied
+    d.deliver(make_due(d.runtime))
+    state, task = state_of(d.runtime)
+    assert state == "error"
+    assert task.error is not None and "cannot write the .complete marker" in task.error
 
 
 def test_unreadable_task_file_moves_the_job_to_error(

@@ -142,6 +142,16 @@ class Target(ABC, Generic[ConfigT]):
     def send(self, job: DeliveryJob) -> DeliveryResult:
         """Deliver ``job.files``; raise :class:`TargetError` when nothing could be sent."""
 
+    def finish(self, job: DeliveryJob) -> None:
+        """Complete the series at the target, once every instance of the job is confirmed.
+
+        Called after the last ``send``, with ``job.files`` = all instance files of the job,
+        before the job moves to ``success/``: write a completion marker, rename a staging
+        folder into place, upload a manifest. Raise :class:`TargetError` to be retried later
+        (instances are not sent again; ``finish`` is), :class:`PermanentTargetError` to move
+        the job to ``error/``. Once it returned, it is not called again for the job.
+        """
+
     def test_connection(self) -> str:
         """Check that the target answers; return one line describing the outcome.
 

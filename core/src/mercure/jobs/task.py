@@ -58,6 +58,8 @@ class TaskDispatch(BaseModel):
     delivered: dict[str, list[str]] = {}
     failed: dict[str, dict[str, str]] = {}
     attempts: list[DeliveryAttempt] = []
+    #: Targets whose ``finish`` step succeeded (the series is complete at the target).
+    finished: list[str] = []
 
 
 class TaskProcessing(BaseModel):

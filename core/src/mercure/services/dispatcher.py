@@ -196,6 +196,14 @@ class Dispatcher(Service):
                     warned = True
                     if self.stop_event.wait(OPEN_JOB_RECHECK):
                         return
+            errors, permanent = self._finish_targets(ref, task, dispatch, files)
+            if permanent:
+                reason = "; ".join(errors)
+                self._to_error(ref, task, claim, f"not retried, cannot succeed: {reason}")
+                return
+            if errors:
+                self._failed(ref, task, dispatch, claim, errors, len(files))
+                return
             # On a full disk the job still moves (a rename needs no space) with its previous
             # task file: the target has every instance, and sending them again and again until
             # space returns would keep the disk full, since only delivered jobs are cleaned.
@@ -216,6 +224,28 @@ class Dispatcher(Service):
             )
             for rule in self._rules(task):
                 self.runtime.notify_rule("completion", rule, ref.id, task.tags)
+
+    def _finish_targets(
+        self, ref: JobRef, task: Task, dispatch: TaskDispatch, files: list[Path]
+    ) -> tuple[list[str], list[str]]:
+        """Call ``Target.finish`` of each target not finished yet; (errors, permanent ones)."""
+        errors: list[str] = []
+        permanent: list[str] = []
+        for name in task.target_names:
+            if name in dispatch.finished:
+                continue
+            job = DeliveryJob(task_id=ref.id, folder=ref.path, files=files, tags=task.tags,
+                              task=task)  # fmt: skip
+            try:
+                self.runtime.target(name).finish(job)
+            except Exception as exc:
+                text = str(exc).strip() or exc.__class__.__name__
+                errors.append(f"{name}: completing the series failed: {text}")
+                if isinstance(exc, PermanentTargetError):
+                    permanent.append(name)
+                continue
+            dispatch.finished.append(name)
+        return errors, permanent
 
     def _write_unless_full(self, ref: JobRef, task: Task, log: Any, warned: bool) -> bool:
         """Write the task file; False (logged once) if the disk is full, other errors raise."""
