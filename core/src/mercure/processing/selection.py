@@ -1,0 +1,136 @@
+"""Which runner runs the modules, and the configuration checks that depend on it.
+
+``process_runner`` names a runner instance (mercure's field: ``docker``, ``nomad``; its
+settings in ``plugins.runners.<name>``). Empty means ``local``, the built-in runner, which
+exists even when nothing configures it. Instances are created once per process, with only
+their own settings, and closed on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import TYPE_CHECKING, Any
+
+from mercure.logs import get_logger
+from mercure.plugin_settings import PluginInstance
+from mercure.runners import Runner, RunnerError
+
+if TYPE_CHECKING:
+    from mercure.config import Config, Module
+    from mercure.lifecycle import PluginContext
+    from mercure.plugins import PluginManager
+    from mercure.registry import Registry
+
+DEFAULT_RUNNER = "local"
+log = get_logger("mercure.processor")
+
+
+def runner_name(config: Config) -> str:
+    """The runner instance that runs new module runs."""
+    return config.process_runner or DEFAULT_RUNNER
+
+
+def runner_instance(config: Config, registry: Registry, name: str) -> PluginInstance | None:
+    """The configured instance called ``name``; the built-in ``local`` one if not configured."""
+    for inst in config.plugin_instances("runner"):
+        if inst.name == name:
+            return inst
+    if name == DEFAULT_RUNNER and DEFAULT_RUNNER in registry.names("runner"):
+        model = registry.get("runner", DEFAULT_RUNNER).config_model
+        settings = model.model_validate({}) if model is not None else None
+        if settings is not None:
+            return PluginInstance("runner", DEFAULT_RUNNER, DEFAULT_RUNNER, settings)
+    return None
+
+
+def parse_environment(value: str | None) -> dict[str, str]:
+    """mercure's ``environment`` of a module: a JSON object of variable names to values."""
+    if not value or not value.strip():
+        return {}
+    try:
+        data = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"must be a JSON object of variables: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object of variable names to values")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def module_errors(config: Config, registry: Registry) -> list[tuple[str, str]]:
+    """Errors of the modules that enabled ``process``/``both`` rules use, for their runner."""
+    used: list[str] = []
+    for rule in config.rules.values():
+        if rule.disabled or rule.action not in ("process", "both"):
+            continue
+        used.extend(m for m in rule.modules if m in config.modules and m not in used)
+    if not used:
+        return []
+    errors: list[tuple[str, str]] = []
+    for name in used:
+        try:
+            parse_environment(config.modules[name].environment)
+        except ValueError as exc:
+            errors.append((f"modules.{name}.environment", str(exc)))
+    inst = runner_instance(config, registry, runner_name(config))
+    if inst is None:
+        return errors  # an unknown process_runner is reported on its own
+    impl = registry.get("runner", inst.type_name).implementation
+    for name in used:
+        module: Module = config.modules[name]
+        for field, message in impl.check_module(inst.settings, name, module):
+            errors.append((f"modules.{name}.{field}", message))
+    return errors
+
+
+class Runners:
+    """The runner instances of one process, created and started on first use."""
+
+    def __init__(self, config: Config, plugins: PluginManager, context: Any) -> None:
+        self.config = config
+        self.plugins = plugins
+        self._context = context  # (kind, name) -> PluginContext
+        self._made: dict[str, Runner[Any]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def default_name(self) -> str:
+        return runner_name(self.config)
+
+    def get(self, name: str) -> Runner[Any]:
+        """The instance called ``name``; :class:`RunnerError` if it is not configured."""
+        with self._lock:
+            existing = self._made.get(name)
+            if existing is not None:
+                return existing
+            inst = runner_instance(self.config, self.plugins.registry, name)
+            if inst is None:
+                raise RunnerError(
+                    f"runner '{name}' is not configured (process_runner or plugins.runners); "
+                    "configure it again to follow the runs it started"
+                )
+            impl = self.plugins.registry.get("runner", inst.type_name).implementation
+            context: PluginContext = self._context("runner", name)
+            runner: Runner[Any] = impl(name, inst.settings, context)
+            runner.start()
+            self._made[name] = runner
+            return runner
+
+    def close(self) -> None:
+        with self._lock:
+            for name, runner in self._made.items():
+                try:
+                    runner.close()
+                except Exception as exc:
+                    log.warning("closing runner failed", runner=name, error=str(exc))
+            self._made.clear()
+
+
+__all__ = [
+    "DEFAULT_RUNNER",
+    "Runners",
+    "module_errors",
+    "parse_environment",
+    "runner_instance",
+    "runner_name",
+]
