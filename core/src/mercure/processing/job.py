@@ -107,8 +107,6 @@ class JobRun:
             record = new_record([p.module_name for p in self.processes])
             self.record = record
             self._save()
-            self.log.info("processing started", modules=self._modules())
-            self._emit(TaskEventType.PROCESSING_STARTED, self.processes[0].module_name)
         self.record = record
         if len(record.steps) != len(self.processes):
             self._fail("processing.json does not match the modules of task.json")
@@ -139,6 +137,11 @@ class JobRun:
         if step.state == "pending":
             if self.stop.is_set():
                 return False
+            if index == 0:
+                self.log.info(
+                    "processing started", modules=self._modules(), attempt=self.record.attempt
+                )
+                self._emit(TaskEventType.PROCESSING_STARTED, self._modules())
             folders.prepare_step(
                 self.ref.path,
                 self.task,
