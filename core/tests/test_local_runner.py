@@ -22,7 +22,9 @@ def runner(**settings: object) -> LocalRunner:
     return LocalRunner("local", LocalRunnerSettings(**settings), PluginContext("runner", "local"))
 
 
-def prepared(tmp_path: Path, command: str | list[str], name: str = "m", **extra: object) -> ProcessingRun:
+def prepared(
+    tmp_path: Path, command: str | list[str], name: str = "m", **extra: object
+) -> ProcessingRun:
     root = tmp_path / name
     for sub in ("in", "out", "run"):
         (root / sub).mkdir(parents=True)

@@ -38,7 +38,7 @@ from mercure.testing import DcmtkStoreSCP, free_port, make_series
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 MODULE = Path(__file__).parent / "modules" / "stamp.py"
-OBSERVER = '''
+OBSERVER = """
 import json
 from mercure import hookimpl
 from mercure.metrics_hub import metrics_for_event
@@ -51,7 +51,7 @@ def on_task_event(event):
                           for m in metrics_for_event(event)]}
     with open(%r, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\\n")
-'''
+"""
 
 
 def storescu(files: list[Path], port: int) -> None:
@@ -169,9 +169,7 @@ def test_process_and_both_rules_run_the_module_and_deliver_its_results(
         both_series = series_of(tmp_path / "in", "both", 4)
         storescu(proc_series + both_series, config["port"])
 
-        found = wait_until(
-            lambda: job_of_rule(success, "proc"), 60, "the process job in success/"
-        )
+        found = wait_until(lambda: job_of_rule(success, "proc"), 60, "the process job in success/")
         proc_id, proc_task = found
         wait_until(lambda: len(scp.received()) == 4, 60, "the results at storescp")
         wait_until(
@@ -222,15 +220,26 @@ def test_process_and_both_rules_run_the_module_and_deliver_its_results(
         events = read_events(events_file)
         of_proc = [e for e in events if e["task_id"] == proc_id]
         kinds = [e["type"] for e in of_proc]
-        for kind in ("process", "process_begin", "process_module_begin",
-                     "process_module_complete", "process_complete", "complete"):  # fmt: skip
+        for kind in (
+            "process",
+            "process_begin",
+            "process_module_begin",
+            "process_module_complete",
+            "process_complete",
+            "complete",
+        ):
             assert kind in kinds, f"{kind} missing from {kinds}"
         finished = next(e for e in of_proc if e["type"] == "process_module_complete")
         assert finished["target"] == "stamp" and finished["extra"]["exit_code"] == 0
         assert finished["extra"]["duration"] > 0
         names = {m[0] for e in of_proc for m in e["metrics"]}
-        assert {"processing.started", "processing.module_duration", "processing.duration",
-                "processing.completed", "jobs.completed"} <= names  # fmt: skip
+        assert {
+            "processing.started",
+            "processing.module_duration",
+            "processing.duration",
+            "processing.completed",
+            "jobs.completed",
+        } <= names
 
         # mercure queue / job show describe the processing jobs.
         shown = run_cli("job", "show", proc_id, "--config", str(config_path), cwd=tmp_path)
@@ -282,15 +291,18 @@ def test_failing_modules_end_in_error_with_the_precise_reason(
         "processing failed at step 1 of 1: module 'crash' exited with code 1"
     )
     assert "log tail:" in reasons["crash"] and "module crash settings" in reasons["crash"]
-    assert "module 'hang' did not finish within its timeout of 3 s and was stopped" in (
-        reasons["hang"]
+    assert (
+        "module 'hang' did not finish within its timeout of 3 s and was stopped"
+        in (reasons["hang"])
     )
     assert "hanging" in reasons["hang"]  # its log tail
-    assert "module 'silent' exited with code 0 but wrote nothing to its output folder" in (
-        reasons["silent"]
+    assert (
+        "module 'silent' exited with code 0 but wrote nothing to its output folder"
+        in (reasons["silent"])
     )
-    assert "module 'garbled' wrote a malformed result.json: result.json is not valid JSON" in (
-        reasons["garbled"]
+    assert (
+        "module 'garbled' wrote a malformed result.json: result.json is not valid JSON"
+        in (reasons["garbled"])
     )
     for rule, (job_id, task) in by_rule.items():
         assert task["info"]["fail_stage"] == "PROCESSING"
@@ -441,8 +453,11 @@ def test_retry_of_a_failed_processing_job_runs_it_again_from_its_inputs(
     record = json.loads((job / "processing.json").read_text())
     assert record["attempt"] == 2 and record["earlier_attempts"]
     assert [line.split()[0] for line in runs.read_text().splitlines()] == [
-        "start", "failed", "start", "end"
-    ]  # fmt: skip
+        "start",
+        "failed",
+        "start",
+        "end",
+    ]
     task = read_task(job)
     assert task is not None and task["error"] is None
     assert any("manual retry of processing" in line for line in task["history"])
@@ -464,8 +479,9 @@ def test_two_processors_run_each_of_20_jobs_exactly_once(
         "front", "run", "--config", config_path, "--only", "receiver,router"
     )
     processors = [
-        mercure_processes.start(f"processor{i}", "run", "--config", config_path, "--only",
-                                "processor")  # fmt: skip
+        mercure_processes.start(
+            f"processor{i}", "run", "--config", config_path, "--only", "processor"
+        )
         for i in range(2)
     ]
     files = [f for i in range(20) for f in make_series(tmp_path / "in" / str(i), 2)]
@@ -534,8 +550,14 @@ def test_module_contract_example_in_the_docs_runs_unchanged(
     config = spool_config(
         tmp_path,
         modules={"invert": {"command": f"{sys.executable} {example}", "settings": {}}},
-        rules={"all": {"rule": "True", "action": "process", "processing_module": "invert",
-                       "processing_settings": {"series_description": "INVERTED"}}},  # fmt: skip
+        rules={
+            "all": {
+                "rule": "True",
+                "action": "process",
+                "processing_module": "invert",
+                "processing_settings": {"series_description": "INVERTED"},
+            }
+        },
     )
     config_path = write_config(tmp_path / "mercure.json", config)
     success = folder_of(config, "success")
@@ -546,9 +568,7 @@ def test_module_contract_example_in_the_docs_runs_unchanged(
     outputs = dicoms(success / job_id)
     assert len(outputs) == 2 and descriptions(outputs) == {"INVERTED"}
     original = pydicom.dcmread(sent[0])
-    inverted = next(
-        pydicom.dcmread(p) for p in outputs if pydicom.dcmread(p).InstanceNumber == 1
-    )
+    inverted = next(pydicom.dcmread(p) for p in outputs if pydicom.dcmread(p).InstanceNumber == 1)
     assert original.InstanceNumber == 1
     assert (inverted.pixel_array == original.pixel_array.max() - original.pixel_array).all()
     result = json.loads((success / job_id / "result.json").read_text())
