@@ -397,9 +397,11 @@ def validate_config(
         errors.extend(_check_references(config, registry))
         errors.extend(_check_modules(config, registry, instances.get("runner", [])))
         config._instances = dict(instances)
-        from mercure.processing.selection import module_errors
+        from mercure.processing.selection import module_checks
 
-        errors.extend(module_errors(config, registry))
+        module_errors, module_warnings = module_checks(config, registry)
+        errors.extend(module_errors)
+        warnings.extend(module_warnings)
         unknown_errors, unknown_warnings = _unknown_keys(config)
         errors.extend(unknown_errors)
         warnings.extend(unknown_warnings)
@@ -466,7 +468,12 @@ def _check_references(config: Config, registry: Registry) -> list[tuple[str, str
                             f"module '{module}' is not defined in 'modules'",
                         )
                     )
-    if config.process_runner and config.process_runner not in registry.names("runner"):
+    configured_runners = config.plugins.get("runners", {})
+    if (
+        config.process_runner
+        and config.process_runner not in registry.names("runner")
+        and config.process_runner not in configured_runners  # an instance; its type is checked
+    ):
         from mercure.registry import UnknownTypeError
 
         errors.append(

@@ -57,16 +57,24 @@ def parse_environment(value: str | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def module_errors(config: Config, registry: Registry) -> list[tuple[str, str]]:
-    """Errors of the modules that enabled ``process``/``both`` rules use, for their runner."""
-    used: list[str] = []
-    for rule in config.rules.values():
+def module_checks(config: Config, registry: Registry) -> tuple[list[tuple[str, str]], list[str]]:
+    """Errors and warnings of the modules that enabled ``process``/``both`` rules use.
+
+    A mercure configuration has container modules (``docker_tag``) and often an empty
+    ``process_runner`` (mercure then uses Docker). It still loads with the core alone: the
+    built-in ``local`` runner cannot run such a module, which is a warning naming what to
+    install, and its jobs fail with that reason until then. With ``process_runner`` set,
+    whatever the runner reports is an error.
+    """
+    used: dict[str, list[str]] = {}
+    for rule_name, rule in config.rules.items():
         if rule.disabled or rule.action not in ("process", "both"):
             continue
-        used.extend(m for m in rule.modules if m in config.modules and m not in used)
-    if not used:
-        return []
+        for module in rule.modules:
+            if module in config.modules:
+                used.setdefault(module, []).append(rule_name)
     errors: list[tuple[str, str]] = []
+    warnings: list[str] = []
     for name in used:
         try:
             parse_environment(config.modules[name].environment)
@@ -74,13 +82,21 @@ def module_errors(config: Config, registry: Registry) -> list[tuple[str, str]]:
             errors.append((f"modules.{name}.environment", str(exc)))
     inst = runner_instance(config, registry, runner_name(config))
     if inst is None:
-        return errors  # an unknown process_runner is reported on its own
+        return errors, warnings  # an unknown process_runner is reported on its own
     impl = registry.get("runner", inst.type_name).implementation
-    for name in used:
+    for name, rules in used.items():
         module: Module = config.modules[name]
+        if not config.process_runner and module.docker_tag and not module.command:
+            warnings.append(
+                f"modules.{name}: a container module (docker_tag {module.docker_tag!r}) and "
+                "process_runner is empty, so the built-in local runner would run it, which "
+                "needs a command; jobs of rule(s) " + ", ".join(rules) + " fail until "
+                'process_runner is "docker" (pip install mercure-runner-docker)'
+            )
+            continue
         for field, message in impl.check_module(inst.settings, name, module):
             errors.append((f"modules.{name}.{field}", message))
-    return errors
+    return errors, warnings
 
 
 class Runners:
@@ -129,7 +145,7 @@ class Runners:
 __all__ = [
     "DEFAULT_RUNNER",
     "Runners",
-    "module_errors",
+    "module_checks",
     "parse_environment",
     "runner_instance",
     "runner_name",
