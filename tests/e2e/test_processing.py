@@ -408,8 +408,9 @@ def test_chain_retain_dynamic_routing_and_notification_text(
     (fallback_dir,) = visible_entries(archive)
     assert descriptions(dicoms(fallback_dir)) == {"routed"}
     assert not (tmp_path / "forbidden").exists()
-    refused_parent = read_task(success / read_task(success / fallback_dir.name)["parent_id"])  # type: ignore[index]
-    assert refused_parent is not None
+    parent_id = read_task(success / fallback_dir.name)["parent_id"]  # type: ignore[index]
+    # The results are handed to the dispatcher just before their parent moves to success/.
+    refused_parent = wait_until(lambda: read_task(success / parent_id), 30, "the parent job")
     assert any(
         "__mercure_routing refused: forbidden not in the rule's dynamic_routing_allowed_targets"
         in line
