@@ -354,8 +354,14 @@ def test_config_check_reports_modules_the_runner_cannot_run(
             rules={"p": {"rule": "True", "action": "process", "processing_module": ["ai", "env"]}},
         )
     errors = dict(info.value.errors)
-    assert set(errors) == {"modules.ai.command", "modules.env.environment"}
+    # A configured runner is asked about every module, used or not.
+    assert set(errors) == {
+        "modules.ai.command",
+        "modules.unused.command",
+        "modules.env.environment",
+    }
     assert "mercure-runner-docker" in errors["modules.ai.command"]
+    assert "(runner 'local')" in errors["modules.unused.command"]
 
 
 def test_a_mercure_configuration_with_container_modules_loads_with_a_warning(

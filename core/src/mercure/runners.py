@@ -125,11 +125,11 @@ class Runner(Plugin[SettingsT], ABC):
         """Configuration errors of one module for this runner: ``(field, message)`` pairs.
 
         Called when the configuration loads (``mercure config check`` included), for every
-        module that an enabled ``process`` or ``both`` rule uses, with the settings of the
-        runner instance that will run it (``None`` for an unconfigured built-in default), so
-        that a disallowed ``docker_arguments`` or a missing command is reported before any
-        job runs. ``field`` is a key of the module (``docker_arguments``); the error is shown
-        at ``modules.<name>.<field>``.
+        module, with the settings of each configured instance of this runner, so that a
+        disallowed ``docker_arguments`` or a missing command is reported before any job
+        runs. (The built-in ``local`` runner, when nobody configured it, is called with
+        ``None`` for the modules that enabled rules use.) ``field`` is a key of the module
+        (``docker_arguments``); the error is shown at ``modules.<name>.<field>``.
         """
         return []
 

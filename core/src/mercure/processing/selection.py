@@ -60,11 +60,13 @@ def parse_environment(value: str | None) -> dict[str, str]:
 def module_checks(config: Config, registry: Registry) -> tuple[list[tuple[str, str]], list[str]]:
     """Errors and warnings of the modules that enabled ``process``/``both`` rules use.
 
-    A mercure configuration has container modules (``docker_tag``) and often an empty
-    ``process_runner`` (mercure then uses Docker). It still loads with the core alone: the
-    built-in ``local`` runner cannot run such a module, which is a warning naming what to
-    install, and its jobs fail with that reason until then. With ``process_runner`` set,
-    whatever the runner reports is an error.
+    Configured runner instances check every module themselves (``Runner.check_module``, in
+    :mod:`mercure.config`). This adds what no runner checks (a module's ``environment`` must
+    be mercure's JSON object) and, when no runner is configured, asks the built-in ``local``
+    runner about the modules it would run. A mercure configuration has container modules
+    (``docker_tag``) and often an empty ``process_runner`` (mercure then uses Docker): it
+    still loads with the core alone, with a warning naming what to install, and the jobs of
+    such a module fail with that reason until then.
     """
     used: dict[str, list[str]] = {}
     for rule_name, rule in config.rules.items():
@@ -80,21 +82,24 @@ def module_checks(config: Config, registry: Registry) -> tuple[list[tuple[str, s
             parse_environment(config.modules[name].environment)
         except ValueError as exc:
             errors.append((f"modules.{name}.environment", str(exc)))
-    inst = runner_instance(config, registry, runner_name(config))
+    name_of_runner = runner_name(config)
+    if any(inst.name == name_of_runner for inst in config.plugin_instances("runner")):
+        return errors, warnings  # a configured instance: it checked every module already
+    inst = runner_instance(config, registry, name_of_runner)
     if inst is None:
         return errors, warnings  # an unknown process_runner is reported on its own
     impl = registry.get("runner", inst.type_name).implementation
     for name, rules in used.items():
-        module: Module = config.modules[name]
-        if not config.process_runner and module.docker_tag and not module.command:
+        definition: Module = config.modules[name]
+        if definition.docker_tag and not definition.command:
             warnings.append(
-                f"modules.{name}: a container module (docker_tag {module.docker_tag!r}) and "
+                f"modules.{name}: a container module (docker_tag {definition.docker_tag!r}) and "
                 "process_runner is empty, so the built-in local runner would run it, which "
                 "needs a command; jobs of rule(s) " + ", ".join(rules) + " fail until "
                 'process_runner is "docker" (pip install mercure-runner-docker)'
             )
             continue
-        for field, message in impl.check_module(inst.settings, name, module):
+        for field, message in impl.check_module(inst.settings, name, definition):
             errors.append((f"modules.{name}.{field}", message))
     return errors, warnings
 
