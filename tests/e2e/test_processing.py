@@ -338,7 +338,9 @@ def test_chain_retain_dynamic_routing_and_notification_text(
             "first": module(label="step-1"),
             "second": module(label="step-2"),
             "router_module": module(
-                label="routed", route={"route-ok": "chosen", "route-bad": "forbidden"}
+                label="routed",
+                route={"route-ok": "chosen", "route-bad": "forbidden"},
+                note="routed it",
             ),
             "noter": module(label="noted", note="found 3 nodules", request=True),
         },
@@ -416,6 +418,14 @@ def test_chain_retain_dynamic_routing_and_notification_text(
         in line
         for line in refused_parent["history"]
     )
+
+    # The dispatcher's completion notification of delivered results carries the module's text.
+    records = wait_until(
+        lambda: list((outbox_done / ok_dir.name).glob("*.json")), 30, "a delivery notification"
+    )
+    notes = [json.loads(p.read_text())["notification"] for p in records]
+    completion = [n for n in notes if n["event"] == "completion"]
+    assert [n["details"] for n in completion] == ["router_module: routed it"]
 
     # The module's notification text, sent on its request though completion is off.
     note_id, _ = wait_until(lambda: job_of_rule(success, "note"), 30, "the note job")

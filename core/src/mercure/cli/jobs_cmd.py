@@ -173,7 +173,12 @@ def retry(
     if claim is None:
         raise die(f"job {ref.id} is held by another process; try again in a moment")
     with claim:
-        task = store.read(ref)
+        try:
+            task = store.read(ref)
+        except (OSError, ValueError) as exc:
+            raise die(
+                f"job {ref.id}: task.json cannot be read ({exc}); repair it, then retry"
+            ) from None
         if failed_in_processing(ref, task):
             attempt = retry_processing(store, ref, task)
             store.move(ref, "processing", claim)
