@@ -105,7 +105,7 @@ def prepare_step(
     (staging / "out").mkdir()
     (staging / "run").mkdir()
     if index == 0:
-        link_inputs(job, staging / "in", task, extra_tags)
+        link_inputs(job, staging / "in", task, extra_tags, fsync=fsync)
     else:
         link_tree(step_folders(job, index - 1).output, staging / "in", skip={RESULT_FILE, TASKFILE})
     process = processes_of(task)[index]
@@ -121,7 +121,9 @@ def prepare_step(
     return folders
 
 
-def link_inputs(job: Path, dest: Path, task: Task, extra_tags: list[str]) -> int:
+def link_inputs(
+    job: Path, dest: Path, task: Task, extra_tags: list[str], *, fsync: bool = True
+) -> int:
     """The job's instances as mercure names them, each with its ``.tags`` file."""
     receiver = {k: task.tags[k] for k in RECEIVER_TAGS if k in task.tags}
     count = 0
@@ -134,9 +136,24 @@ def link_inputs(job: Path, dest: Path, task: Task, extra_tags: list[str]) -> int
         stem = f"{series}{SEPARATOR}{path.stem}"
         link_or_copy(path, dest / f"{stem}{DCM}")
         tags.update(receiver)
-        (dest / f"{stem}{TAGS}").write_text(json.dumps(tags, ensure_ascii=False), "utf-8")
+        with open(dest / f"{stem}{TAGS}", "wb") as fh:
+            fh.write(json.dumps(tags, ensure_ascii=False).encode("utf-8"))
+            if fsync:
+                os.fdatasync(fh.fileno())
         count += 1
     return count
+
+
+def sync_tree(folder: Path) -> None:
+    """Make what a module wrote durable before it is relied on (its files and folders)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
 
 
 def link_tree(source: Path, dest: Path, *, skip: Collection[str] = ()) -> int:
@@ -300,5 +317,6 @@ __all__ = [
     "processes_of",
     "reset_for_retry",
     "step_folders",
+    "sync_tree",
     "written_files",
 ]

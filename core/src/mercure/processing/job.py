@@ -9,6 +9,7 @@ through its handle, never launches it twice, and finishes or fails the job exact
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
@@ -150,7 +151,7 @@ class JobRun:
                 fsync=self.runtime.fsync,
             )
             step.state = "launching"
-            task_part = safe_component(self.task.id, max_len=60)
+            task_part = re.sub(r"[^A-Za-z0-9_-]", "_", self.task.id)[:60]
             step.run_id = f"{task_part}-a{self.record.attempt}-s{index}"
             step.runner = self.runners.default_name
             step.started_at = time.time()
@@ -350,6 +351,8 @@ class JobRun:
         if not dirs.output.is_dir():
             return "removed its output folder"
         folders.ensure_task_file(dirs)
+        if self.runtime.fsync:
+            folders.sync_tree(dirs.output)  # the results must survive a power loss from here on
         try:
             _present, output = read_result(dirs.output)
         except ResultError as exc:
