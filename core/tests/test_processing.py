@@ -15,8 +15,8 @@ from mercure.config import Config, ConfigError
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import Task
 from mercure.plugins import PluginManager, build_plugin_manager
+from mercure.processing import base as job_module
 from mercure.processing import folders
-from mercure.processing import job as job_module
 from mercure.processing.job import JobRun
 from mercure.processing.record import read_record
 from mercure.processing.results import ResultError, decide_routing, read_result

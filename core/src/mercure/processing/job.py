@@ -11,77 +11,31 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from mercure.config import Module
-from mercure.events import TaskEvent, TaskEventType
+from mercure.events import TaskEventType
 from mercure.fsutil import atomic_write_bytes, safe_component
-from mercure.jobs.claims import Claim
-from mercure.jobs.store import JobRef
-from mercure.jobs.task import Task, TaskDispatch, TaskProcessing
-from mercure.logs import get_logger
 from mercure.processing import folders
-from mercure.processing.record import (
-    ProcessingRecord,
-    StepRecord,
-    log_tail,
-    new_record,
-    read_record,
-    write_record,
-)
-from mercure.processing.results import ResultError, completion_notice, decide_routing, read_result
-from mercure.processing.selection import Runners, parse_environment
+from mercure.processing.base import FAIL_STAGE
+from mercure.processing.finish import Finishing, dispatch_job_id
+from mercure.processing.record import log_tail, new_record, read_record
+from mercure.processing.results import ResultError, read_result
+from mercure.processing.selection import parse_environment
 from mercure.runners import ProcessingRun, Runner, RunnerError, RunOutcome
-from mercure.services.runtime import Runtime
-from mercure.tags import read_tags
 
-FAIL_STAGE = "PROCESSING"
 WAIT_SLICE = 1.0
 """Seconds of one ``Runner.wait`` call: how soon a stopping processor lets go of a run."""
 CANCEL_REPEAT = 5.0
 CANCEL_GIVE_UP = 300.0
 """Seconds after the first cancel at which a run that never reports its end is given up."""
 RUNNER_WARN_INTERVAL = 60.0
-DISPATCH_NAMESPACE = uuid.UUID("8f0b6c0e-5d0c-4d4e-9a55-3c3f1b2f6d11")
 
 
-def dispatch_job_id(task_id: str, attempt: int) -> str:
-    """The id of the outgoing job of a processing job: the same on every try, so never two."""
-    return str(uuid.uuid5(DISPATCH_NAMESPACE, f"{task_id}/{attempt}"))
-
-
-def now_text() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-class JobRun:
-    """Processes one claimed job in ``processing/``."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        runners: Runners,
-        ref: JobRef,
-        claim: Claim,
-        stop: threading.Event,
-        on_job_created: Any = None,
-    ) -> None:
-        self.runtime = runtime
-        self.config = runtime.config
-        self.store = runtime.store
-        self.runners = runners
-        self.ref = ref
-        self.claim = claim
-        self.stop = stop
-        self.on_job_created = on_job_created
-        self.log = get_logger("mercure.processor").bind(task_id=ref.id)
-        self.task: Task
-        self.record: ProcessingRecord
-        self.processes: list[TaskProcessing] = []
+class JobRun(Finishing):
+    """Processes one claimed job in ``processing/``: its steps, then :class:`Finishing`."""
 
     # -- the job -----------------------------------------------------------------------------
 
@@ -93,7 +47,7 @@ class JobRun:
         except ValueError as exc:
             self._fail_unreadable(f"task.json cannot be read: {exc}")
             return
-        self.log = self.log.bind(series_uid=self.task.info.uid)
+        self._bind_log(series_uid=self.task.info.uid)
         self.processes = folders.processes_of(self.task)
         try:
             record = read_record(self.ref.path)
@@ -397,250 +351,6 @@ class JobRun:
                     "module log not written to logs_file_store", folder=str(store), error=str(exc)
                 )
 
-    # -- the end -----------------------------------------------------------------------------
-
-    def _outputs(self) -> list[tuple[str, Any]]:
-        return [(s.module, s.output) for s in self.record.steps]
-
-    def _finish(self) -> None:
-        """Collect the results, hand them to the dispatcher or to success/; repeatable."""
-        record = self.record
-        job = self.ref.path
-        if record.phase == "finishing":
-            if record.dispatch_targets is None:
-                decision = decide_routing(
-                    self.config,
-                    self.task.info.applied_rule,
-                    self.task.target_names,
-                    record.steps[-1].output,
-                )
-                record.dispatch_targets = decision.targets
-                if decision.note:
-                    record.notes.append(decision.note)
-                if decision.targets:
-                    record.dispatch_job = dispatch_job_id(self.task.id, record.attempt)
-                self._save()
-            if record.result_stage is None:
-                retain = self.processes[0].retain_input_images
-                last = folders.step_folders(job, len(record.steps) - 1)
-                chain = self._outputs() if len(record.steps) > 1 else None
-                retained = folders.step_folders(job, 0).input if retain else None
-                notes = folders.build_result(
-                    job,
-                    last,
-                    chain_results=chain,
-                    retained_from=retained,
-                    fsync=self.runtime.fsync,
-                )
-                record.notes.extend(notes)
-                record.result_stage = "built"
-                self._save()
-            if record.dispatch_targets and not self._dispatch():
-                return
-            if record.result_stage == "built":
-                folders.clear_inputs(job, fsync=self.runtime.fsync)
-                record.result_stage = "cleared"
-                self._save()
-            folders.place_result(job, fsync=self.runtime.fsync)
-            self._write_final_task()
-            if not record.notified:
-                self._notify_completion()
-                record.notified = True
-                self._save()
-            record.phase = "finished"
-            record.finished_at = time.time()
-            self._save()
-        self.store.move(self.ref, "success", self.claim)
-        duration = (record.finished_at or time.time()) - record.started_at
-        self.log.info(
-            "processing finished",
-            modules=self._modules(),
-            dispatched_as=record.dispatch_job,
-            targets=record.dispatch_targets,
-            duration=round(duration, 2),
-        )
-        self._emit(TaskEventType.PROCESSING_FINISHED, self._modules(), duration=duration)
-        if not record.dispatch_targets:
-            self._emit(TaskEventType.COMPLETED, "", duration=self._age())
-
-    def _dispatch(self) -> bool:
-        """Create the outgoing job of the results (idempotent); False if there is nothing."""
-        record = self.record
-        assert record.dispatch_job is not None and record.dispatch_targets
-        if self.store.find_exact(record.dispatch_job) is not None:
-            return True
-        source = self.ref.path / folders.RESULT
-        if record.result_stage == "cleared" or not source.is_dir():
-            source = self.ref.path
-        files = folders.dicom_outputs(source)
-        if not files:
-            self._fail(
-                f"processing finished, but the module(s) {self._modules()} wrote no DICOM "
-                f"files, so there is nothing to send to {', '.join(record.dispatch_targets)}"
-            )
-            return False
-        try:
-            out_tags = read_tags(str(files[0]), list(self.config.dicom_receiver.additional_tags))
-        except Exception:
-            out_tags = {}
-        for key in folders.RECEIVER_TAGS:
-            if key in self.task.tags:
-                out_tags.setdefault(key, self.task.tags[key])
-        targets = record.dispatch_targets
-        processes = self._processes_with_outputs()
-        child = Task(
-            info=self.task.info.model_copy(deep=True),
-            id=record.dispatch_job,
-            dispatch=TaskDispatch(
-                target_name=targets[0] if len(targets) == 1 else list(targets),
-                series_uid=out_tags.get("SeriesInstanceUID") or self.task.info.uid,
-            ),
-            process=processes[0] if len(processes) == 1 else processes,
-            study=self.task.study,
-            created_at=self.task.created_at or time.time(),
-            tags=out_tags,
-            parent_id=self.task.id,
-            history=[f"{now_text()} results of processing job {self.task.id} ({self._modules()})"],
-        )
-        series_uid = out_tags.get("SeriesInstanceUID") or self.task.info.uid
-        ref = self.store.create("outgoing", child, files)
-        self.log.info(
-            "results queued for dispatch",
-            dispatch_job=ref.id,
-            targets=targets,
-            instances=len(files),
-        )
-        self.runtime.emit(
-            TaskEvent(
-                TaskEventType.ROUTED,
-                ref.id,
-                series_uid,
-                ", ".join(targets),
-                len(files),
-                info=f"results of processing job {self.task.id}",
-                rule=self.task.info.applied_rule or "",
-                tags=out_tags,
-                extra={"parent_id": self.task.id},
-            )
-        )
-        if self.on_job_created is not None:
-            self.on_job_created()
-        return True
-
-    def _processes_with_outputs(self) -> list[TaskProcessing]:
-        result = []
-        for process, step in zip(self.processes, self.record.steps, strict=True):
-            result.append(process.model_copy(update={"output": step.output}))
-        return result
-
-    def _write_final_task(self) -> None:
-        task = self.task
-        processes = self._processes_with_outputs()
-        task.process = processes[0] if len(processes) == 1 else processes
-        for note in self.record.notes:
-            entry = f"{now_text()} {note}"
-            if entry not in task.history:
-                task.history.append(entry)
-        if self.record.dispatch_job:
-            task.history.append(f"{now_text()} results sent on as job {self.record.dispatch_job}")
-        task.error = None
-        self.store.write(self.ref, task)
-
-    def _notify_completion(self) -> None:
-        """mercure: a ``process`` job notifies completion; the dispatcher does for the rest."""
-        if self.record.dispatch_targets:
-            return
-        for rule_name in self._rules():
-            details, always = completion_notice(self.config, self.task, rule_name)
-            self.runtime.notify_rule(
-                "completion", rule_name, self.task.id, self.task.tags, details, always=always
-            )
-
-    def _fail(self, reason: str) -> None:
-        """Move the job, with its original inputs, to error/ (repeatable)."""
-        record = self.record
-        if record.phase != "failed":
-            record.phase = "failed"
-            record.failure = reason
-            record.finished_at = time.time()
-            self._save()
-        task = self.task
-        task.error = reason
-        task.info.fail_stage = FAIL_STAGE
-        first_line = reason.splitlines()[0] if reason else reason
-        entry = f"{now_text()} error: {first_line}"
-        if not task.history or task.history[-1] != entry:
-            task.history.append(entry)
-        self.store.write(self.ref, task)
-        self.store.move(self.ref, "error", self.claim)
-        index = record.failed_step
-        module = record.steps[index].module if index is not None else self._modules()
-        exit_code = record.steps[index].exit_code if index is not None else None
-        self.log.error(
-            "processing failed; job moved to error",
-            module=module,
-            exit_code=exit_code,
-            reason=first_line,
-        )
-        duration = (record.finished_at or time.time()) - record.started_at
-        self._emit(
-            TaskEventType.PROCESSING_FAILED,
-            module,
-            info=reason,
-            step=index,
-            exit_code=exit_code,
-            duration=duration,
-        )
-        self._emit(TaskEventType.MOVED_TO_ERROR, module, info=reason)
-        for rule_name in self._rules():
-            self.runtime.notify_rule("error", rule_name, task.id, task.tags, reason)
-
-    def _fail_unreadable(self, reason: str) -> None:
-        """A job whose task file or record cannot be read goes to error/ as it is."""
-        self.store.move(self.ref, "error", self.claim)
-        self.log.error("job moved to error", reason=reason)
-        self.runtime.emit(
-            TaskEvent(
-                TaskEventType.MOVED_TO_ERROR,
-                self.ref.id,
-                info=reason,
-                extra={"service": "processor"},
-            )
-        )
-
-    # -- small helpers -----------------------------------------------------------------------
-
-    def _save(self) -> None:
-        write_record(self.ref.path, self.record, fsync=self.runtime.fsync)
-
-    def _modules(self) -> str:
-        return " -> ".join(p.module_name for p in self.processes)
-
-    def _rules(self) -> list[str]:
-        rules = self.task.info.triggered_rules
-        return list(rules) if isinstance(rules, dict) else []
-
-    def _age(self) -> float:
-        return time.time() - self.task.created_at if self.task.created_at else 0.0
-
-    def _emit(self, kind: TaskEventType, module: str, info: str = "", **extra: Any) -> None:
-        count = 0
-        with contextlib.suppress(OSError):
-            count = sum(1 for _ in self.ref.path.glob("*.dcm"))
-        self.runtime.emit(
-            TaskEvent(
-                kind,
-                self.ref.id,
-                self.task.info.uid,
-                module,
-                count,
-                info=info,
-                rule=self.task.info.applied_rule or "",
-                tags=self.task.tags,
-                extra={"service": "processor", **extra},
-            )
-        )
-
 
 def _signal_text(code: int | None) -> str:
     if code is None or code <= 128:
@@ -650,4 +360,4 @@ def _signal_text(code: int | None) -> str:
     return ""
 
 
-__all__ = ["FAIL_STAGE", "JobRun", "StepRecord", "dispatch_job_id"]
+__all__ = ["FAIL_STAGE", "JobRun", "dispatch_job_id"]
