@@ -115,6 +115,9 @@ MERCURE_MODULE_DEFAULTS: dict[str, Any] = {
     # mercure 0.4
     "requires_persistence": False,
     "network_enabled": False,
+    # added by this project, for the local runner and the processor
+    "command": "",
+    "timeout": 14400.0,
 }
 
 
@@ -190,7 +193,11 @@ def test_full_mercure_json_loads_unchanged(registry: Registry) -> None:
     }
     assert "pip install mercure-metrics-graphite" in missing["graphite_ip"]
     assert "pip install mercure-notifier-email" in missing["rules.route_ct.notification_email"]
-    assert len(warnings) == 5
+    # Its container modules need a container runner (mercure's empty process_runner: Docker).
+    containers = sorted(w.split(":", 1)[0] for w in warnings if "container module" in w)
+    assert containers == ["modules.anonymizer", "modules.lung_ai"]
+    assert all("mercure-runner-docker" in w for w in warnings if "container module" in w)
+    assert len(warnings) == 7
 
 
 def test_full_mercure_json_survives_a_dump_and_reload(registry: Registry) -> None:

@@ -24,6 +24,7 @@ BUILTIN_TYPES = {
     ("target", "folder"),
     ("target", "dummy"),
     ("receiver", "dicom"),
+    ("runner", "local"),
     ("notifier", "log"),
     ("metrics_sink", "log"),
 }

@@ -88,6 +88,10 @@ class ProcessingLogsConfig(BaseModel):
     logs_file_store: str | None = None
 
 
+DEFAULT_MODULE_TIMEOUT = 4 * 3600.0
+"""Generous: large AI models on a CPU take long, but a hung module must not block forever."""
+
+
 class Module(BaseModel):
     """A processing module (usually a container image) as mercure defines it."""
 
@@ -106,6 +110,13 @@ class Module(BaseModel):
     # mercure 0.4
     requires_persistence: bool | None = False
     network_enabled: bool | None = False
+    # Added by this project (mercure ignores them).
+    command: str | list[str] = ""
+    """What the built-in ``local`` runner runs: a command line (split like a shell does, no
+    shell features), a list of arguments, or a Python entry point ``package.module:function``.
+    ``{python}`` as the first word is the interpreter that runs the router."""
+    timeout: float = Field(default=DEFAULT_MODULE_TIMEOUT, ge=0)
+    """Seconds one run of this module may take before the processor stops it; 0: no limit."""
 
 
 Action = Literal["route", "both", "process", "discard", "notification"]
@@ -229,6 +240,8 @@ class Config(BaseModel):
     notification_retries: int = Field(default=8, ge=1)
     notification_retry_delay: float = Field(default=5.0, gt=0)
     metrics_interval: float = Field(default=10.0, gt=0)
+    processor_workers: int = Field(default=1, ge=1)
+    """Processing jobs one processor process runs at the same time."""
     plugins: dict[str, dict[str, dict[str, Any]]] = {}
     """Settings of runner, notifier, metrics-sink and receiver instances that mercure has no
     field for, keyed by kind and instance name (:mod:`mercure.plugin_settings`)."""
@@ -383,11 +396,16 @@ def validate_config(
     if config is not None:
         errors.extend(_check_references(config, registry))
         errors.extend(_check_modules(config, registry, instances.get("runner", [])))
+        config._instances = dict(instances)
+        from mercure.processing.selection import module_checks
+
+        module_errors, module_warnings = module_checks(config, registry)
+        errors.extend(module_errors)
+        warnings.extend(module_warnings)
         unknown_errors, unknown_warnings = _unknown_keys(config)
         errors.extend(unknown_errors)
         warnings.extend(unknown_warnings)
         warnings.extend(_warnings(config))
-        config._instances = dict(instances)
     if errors:
         raise ConfigError(source, errors)
     assert config is not None
@@ -450,7 +468,12 @@ def _check_references(config: Config, registry: Registry) -> list[tuple[str, str
                             f"module '{module}' is not defined in 'modules'",
                         )
                     )
-    if config.process_runner and config.process_runner not in registry.names("runner"):
+    configured_runners = config.plugins.get("runners", {})
+    if (
+        config.process_runner
+        and config.process_runner not in registry.names("runner")
+        and config.process_runner not in configured_runners  # an instance; its type is checked
+    ):
         from mercure.registry import UnknownTypeError
 
         errors.append(

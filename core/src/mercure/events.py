@@ -24,6 +24,13 @@ class TaskEventType(StrEnum):
     MANUAL_RETRY = "retry"
     NOTIFICATION_SENT = "notification_sent"
     NOTIFICATION_GIVEN_UP = "notification_given_up"
+    # Processing (mercure's PROCESS_BEGIN, PROCESS_MODULE_BEGIN/COMPLETE, PROCESS_COMPLETE);
+    # ``target`` is the module, ``extra`` has ``duration``, ``exit_code``, ``step``.
+    PROCESSING_STARTED = "process_begin"
+    MODULE_STARTED = "process_module_begin"
+    MODULE_FINISHED = "process_module_complete"
+    PROCESSING_FINISHED = "process_complete"
+    PROCESSING_FAILED = "process_fail"
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,18 @@ def register_runners(register: RegisterFn) -> None:
     - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
       ``Implementation`` subclasses ``mercure.runners.Runner``.
     - **Returns** nothing.
-    - **Then**: ``process_runner`` (or an instance under ``plugins.runners``) selects the
-      runner; its settings are validated with ``SettingsModel`` and ``Runner.check_module`` is
-      asked about every module when the configuration loads. The processor creates the
-      instance once per process (``Implementation(name, settings, context)``), calls
-      ``start()``, then ``launch(run)`` / ``wait(handle, timeout)`` / ``cancel(handle)`` /
-      ``cleanup(handle)`` from its threads (several runs at once), and ``close()`` at shutdown.
-    - **Exceptions**: ``RunnerError`` from a runner method fails that job's step with the
-      message; registration errors as for ``register_targets``.
+    - **Then**: ``process_runner`` names the runner instance (empty: the built-in ``local``
+      runner, which exists unconfigured); its settings are validated with ``SettingsModel``
+      and ``Runner.check_module`` is asked about every module when the configuration loads.
+      The processor creates the instance once per process (``Implementation(name, settings,
+      context)``), calls ``start()``, then ``launch(run)`` / ``wait(handle, timeout)`` /
+      ``cancel(handle)`` / ``cleanup(handle)`` from its threads (several runs at once), and
+      ``close()`` at shutdown, which must leave running modules running. ``launch`` must be
+      idempotent per ``run.run_id`` and a handle must be usable by another process: see the
+      runner contract in ``docs/processing.md``.
+    - **Exceptions**: ``RunnerError`` from ``launch`` fails that job's step with the message;
+      from ``wait`` it is logged and asked again until the module's timeout; registration
+      errors as for ``register_targets``.
     """
 
 
@@ -149,7 +153,9 @@ def on_task_event(event: TaskEvent) -> None:
       the service that made the change (router, dispatcher, processor, notifier, CLI), after
       the change is durable on disk; from several threads at once.
     - **Arguments**: ``event`` (type, task id, series UID, target, file count, rule, tags,
-      time, extra).
+      time, extra). Processing adds the types ``process_begin``, ``process_module_begin``,
+      ``process_module_complete``, ``process_complete`` and ``process_fail``: ``target`` is
+      the module, ``extra`` has ``duration``, ``exit_code`` and ``step``.
     - **Returns** nothing; must return quickly (queue slow work of your own).
     - **Exceptions**: logged (``observer failed``) and ignored; the other observers are still
       called.

@@ -179,9 +179,17 @@ class MetricsHub:
 
 
 def metrics_for_event(event: TaskEvent) -> list[Metric]:
-    """The metrics an operator needs from one task event."""
+    """The metrics an operator needs from one task event.
+
+    ``COMPLETED`` and ``MOVED_TO_ERROR`` come from the dispatcher, or from the processor
+    (``extra["service"] == "processor"``: a ``process`` job done, a processing job failed).
+    """
     t = event.time
     target = {"target": event.target} if event.target else {}
+    module = {"module": event.target} if event.target else {}
+    service = str(event.extra.get("service") or "dispatcher")
+    duration = event.extra.get("duration")
+    timed = isinstance(duration, int | float) and not isinstance(duration, bool)
     match event.type:
         case TaskEventType.ROUTED:
             return [Metric("jobs.created", 1, {"action": "route"}, t)]
@@ -202,18 +210,39 @@ def metrics_for_event(event: TaskEvent) -> list[Metric]:
                 Metric("dispatch.failures", 1, target, t, service="dispatcher"),
                 Metric("dispatch.retries", 1, target, t, service="dispatcher"),
             ]
+        case TaskEventType.MOVED_TO_ERROR if service == "processor":
+            return [Metric("jobs.errors", 1, {}, t, service="processor")]
         case TaskEventType.MOVED_TO_ERROR:
             return [
                 Metric("jobs.errors", 1, {}, t, service="dispatcher"),
                 Metric("dispatch.failures", 1, target, t, service="dispatcher"),
             ]
+        case TaskEventType.COMPLETED if service == "processor":
+            return [Metric("jobs.completed", 1, {}, t, service="processor")]
         case TaskEventType.COMPLETED:
             found = [Metric("jobs.completed", 1, target, t, service="dispatcher")]
-            duration = event.extra.get("duration")
-            if isinstance(duration, int | float):
+            if timed:
                 found.append(
                     Metric("dispatch.duration", float(duration), target, t, "timing", "dispatcher")
                 )
+            return found
+        case TaskEventType.PROCESSING_STARTED:
+            return [Metric("processing.started", 1, module, t, service="processor")]
+        case TaskEventType.MODULE_FINISHED:
+            outcome = {"outcome": "success" if event.extra.get("exit_code") == 0 else "failure"}
+            found = [Metric("processing.module_runs", 1, {**module, **outcome}, t,
+                            service="processor")]  # fmt: skip
+            if timed:
+                found.append(Metric("processing.module_duration", float(duration), module, t,
+                                    "timing", "processor"))  # fmt: skip
+            return found
+        case TaskEventType.PROCESSING_FINISHED | TaskEventType.PROCESSING_FAILED:
+            ok = event.type == TaskEventType.PROCESSING_FINISHED
+            found = [Metric("processing.completed" if ok else "processing.failures", 1, module, t,
+                            service="processor")]  # fmt: skip
+            if timed:
+                found.append(Metric("processing.duration", float(duration), module, t,
+                                    "timing", "processor"))  # fmt: skip
             return found
         case _:
             return []

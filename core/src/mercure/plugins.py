@@ -39,6 +39,7 @@ BUILTIN_MODULES = (
     "mercure.builtin.dicom_receiver",
     "mercure.builtin.folder_target",
     "mercure.builtin.dummy_target",
+    "mercure.builtin.local_runner",
     "mercure.builtin.log_notifier",
     "mercure.builtin.log_metrics",
 )

@@ -8,8 +8,27 @@ restarted while a module ran calls :meth:`Runner.wait` with that handle again in
 starting the module twice. The processor enforces the module's timeout by calling
 :meth:`Runner.cancel`.
 
+A processor can also die after ``launch`` started the module but before the handle was
+written. It then calls ``launch`` again with the same :attr:`ProcessingRun.run_id`, so
+``launch`` must be idempotent per ``run_id``: if a run with that id exists (running or
+ended), return its handle instead of starting another (a container named after the id, a
+Nomad dispatch with the id as its idempotency token, a marker in :attr:`ProcessingRun.run_folder`).
+
+Lifecycle of one run, as the processor drives it::
+
+    handle = runner.launch(run)            # persisted with the job at once
+    while (outcome := runner.wait(handle, 1.0)) is None:
+        if past the module's timeout:
+            runner.cancel(handle)          # repeated every few seconds until it ended
+    record(outcome)                        # exit code, log, error -> the job
+    runner.cleanup(handle)
+
+A processor that stops (SIGTERM) leaves running modules running and the next processor
+re-attaches with :meth:`Runner.wait`; ``wait`` must therefore work for a handle returned by
+another process, on another runner instance of the same configuration.
+
 Threading: one runner instance serves every processor thread of its process; ``launch``,
-``wait`` and ``cancel`` may be called concurrently for different handles.
+``wait``, ``cancel`` and ``cleanup`` may be called concurrently for different handles.
 """
 
 from __future__ import annotations
@@ -63,6 +82,14 @@ class ProcessingRun:
     """Seconds the processor allows; 0: no limit. The processor cancels, not the runner."""
     allow_root: bool = False
     """``support_root_modules``: the module may run as root if it ``requires_root``."""
+    run_id: str = ""
+    """Identifies this run (job, attempt, step) across processor restarts: ``launch`` called
+    twice with one ``run_id`` must start the module once (see the module docstring). Safe as
+    a container or job name: letters, digits, ``-`` and ``_`` only, at most 80 characters."""
+    run_folder: Path | None = None
+    """A folder of this run's own inside the job folder (it exists and is empty at the first
+    ``launch``) for the runner's files: control files, a log. Kept until :meth:`Runner.cleanup`
+    and visible to processes that re-attach."""
 
 
 @dataclass
@@ -71,6 +98,7 @@ class RunOutcome:
 
     exit_code: int | None
     log: str = ""
+    """The module's standard output and error, interleaved (the end of it, if very long)."""
     error: str | None = None
     """The runner's own reason when the module did not run to an exit code (image missing,
     allocation lost, cancelled); ``exit_code`` is then ``None``."""
@@ -97,27 +125,48 @@ class Runner(Plugin[SettingsT], ABC):
         """Configuration errors of one module for this runner: ``(field, message)`` pairs.
 
         Called when the configuration loads (``mercure config check`` included), for every
-        module, so that a disallowed ``docker_arguments`` is reported before any job runs.
+        module, with the settings of each configured instance of this runner, so that a
+        disallowed ``docker_arguments`` or a missing command is reported before any job
+        runs. (The built-in ``local`` runner, when nobody configured it, is called with
+        ``None`` for the modules that enabled rules use.) ``field`` is a key of the module
+        (``docker_arguments``); the error is shown at ``modules.<name>.<field>``.
         """
         return []
 
     @abstractmethod
     def launch(self, run: ProcessingRun) -> str:
-        """Start the module and return a handle that identifies the run across restarts."""
+        """Start the module and return a handle that identifies the run across restarts.
+
+        Idempotent per ``run.run_id``. Raise :class:`RunnerError` when the module cannot be
+        started (the job then fails with the message); the folders, environment and settings
+        are all in ``run``, and the module's definition (``run.module.docker_tag``,
+        ``run.module.command``, ...) says what to start.
+        """
 
     @abstractmethod
     def wait(self, handle: str, timeout: float) -> RunOutcome | None:
         """Wait up to ``timeout`` seconds; the outcome once the run ended, else ``None``.
 
-        Must work for a handle returned by another process (the processor restarted).
+        Must work for a handle returned by another process (the processor restarted). Raise
+        :class:`RunnerError` when the run cannot be followed right now (engine restarting):
+        the processor logs it and asks again, until the module's timeout.
         """
 
     @abstractmethod
     def cancel(self, handle: str) -> None:
-        """Stop the run (and everything it started); waiting afterwards returns its outcome."""
+        """Stop the run (and everything it started); waiting afterwards returns its outcome.
+
+        Returns without waiting for the run to end. The processor calls it again every few
+        seconds until ``wait`` returns the outcome, so a second call may escalate (SIGKILL
+        after SIGTERM). The outcome of a cancelled run has ``exit_code=None`` and ``error``
+        saying it was cancelled.
+        """
 
     def cleanup(self, handle: str) -> None:
-        """Remove what the run left (a stopped container) once its outcome was recorded."""
+        """Remove what the run left (a stopped container) once its outcome was recorded.
+
+        Never touches ``run.output_folder``: the processor has taken the results from it.
+        """
 
 
 __all__ = [

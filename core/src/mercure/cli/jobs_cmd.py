@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from mercure.cli.context import ConfigOption, die, load
 from mercure.events import TaskEvent, TaskEventType
-from mercure.jobs.claims import claim_owner
+from mercure.jobs.claims import claim_owner, is_claimed
 from mercure.jobs.incoming import instance_files
-from mercure.jobs.store import STATES, JobStore
+from mercure.jobs.store import STATES, JobRef, JobStore
+from mercure.jobs.task import Task
+from mercure.processing.folders import processes_of, reset_for_retry
+from mercure.processing.job import FAIL_STAGE
+from mercure.processing.record import ProcessingRecord, new_record, read_record, write_record
 from mercure.services.runtime import build_runtime
 
 job_app = typer.Typer(help="Show or retry one job.", no_args_is_help=True)
@@ -84,15 +89,24 @@ def queue(
                 "error": task.error,
                 "instances": instances,
             }
+            processing = processing_summary(ref, task)
+            if processing is not None:
+                row["processing"] = processing
+            if task.parent_id:
+                row["parent_id"] = task.parent_id
             if as_json:
                 typer.echo(json.dumps(row))
                 continue
             extra = ""
+            if processing is not None:
+                extra += f"  [{' -> '.join(processing['modules'])}: {processing['state']}]"
             if d and d.retries:
                 wait = max(0.0, float(d.next_retry_at or 0) - time.time())
                 extra = f"  tries={d.retries} next in {wait:.0f}s"
             if task.error:
-                extra += f"  error: {task.error}"
+                extra += f"  error: {task.error.splitlines()[0]}"
+            if processing is not None and processing.get("log_tail") and task.error:
+                extra += f"  log: {processing['log_tail'].splitlines()[-1]}"
             typer.echo(
                 f"  {ref.id}  {task.info.action:<12} -> {','.join(task.target_names) or '-':<16}"
                 f" {row['instances']} inst  series {task.info.uid}{extra}"
@@ -117,7 +131,15 @@ def show(
     typer.echo(f"instances: {len(instance_files(ref.path))}")
     owner = claim_owner(ref.path)
     if owner:
-        typer.echo(f"last claimed by: {owner}")
+        held = " (held now)" if is_claimed(ref.path) else ""
+        typer.echo(f"last claimed by: {owner}{held}")
+    try:
+        record = read_record(ref.path)
+    except ValueError as exc:
+        typer.echo(f"processing.json unreadable: {exc}")
+        record = None
+    if record is not None:
+        show_processing(record)
     typer.echo((ref.path / "task.json").read_text())
     folder = outbox_folder(cfg)
     records = Outbox(folder, fsync=False).records(ref.id) if folder.is_dir() else []
@@ -151,7 +173,29 @@ def retry(
     if claim is None:
         raise die(f"job {ref.id} is held by another process; try again in a moment")
     with claim:
-        task = store.read(ref)
+        try:
+            task = store.read(ref)
+        except (OSError, ValueError) as exc:
+            raise die(
+                f"job {ref.id}: task.json cannot be read ({exc}); repair it, then retry"
+            ) from None
+        if failed_in_processing(ref, task):
+            attempt = retry_processing(store, ref, task)
+            store.move(ref, "processing", claim)
+            build_runtime(loaded.config, loaded.plugins).emit(
+                TaskEvent(
+                    TaskEventType.MANUAL_RETRY,
+                    ref.id,
+                    task.info.uid,
+                    " -> ".join(p.module_name for p in processes_of(task)),
+                    info=f"processing attempt {attempt}",
+                )
+            )
+            typer.echo(
+                f"job {ref.id} moved back to processing/ (attempt {attempt}, from its kept "
+                "inputs); the processor runs it on its next pass"
+            )
+            return
         d = task.dispatch_state
         if d is None:
             raise die(f"job {ref.id} has no dispatch section; it cannot be sent again")
@@ -167,3 +211,94 @@ def retry(
         TaskEvent(TaskEventType.MANUAL_RETRY, ref.id, task.info.uid, ",".join(task.target_names))
     )
     typer.echo(f"job {ref.id} moved back to outgoing/; the dispatcher sends it on its next pass")
+
+
+def processing_summary(ref: JobRef, task: Task) -> dict[str, Any] | None:
+    """Module(s), state and log tail of a processing job, for ``mercure queue``."""
+    processes = processes_of(task)
+    if not processes or task.parent_id:
+        return None
+    try:
+        record = read_record(ref.path)
+    except ValueError as exc:
+        return {"modules": [p.module_name for p in processes], "state": f"record unreadable: {exc}"}
+    summary: dict[str, Any] = {"modules": [p.module_name for p in processes]}
+    if record is None:
+        summary["state"] = "waiting for a processor" if ref.state == "processing" else "not run"
+        return summary
+    state = record.describe()
+    if ref.state == "processing" and record.phase == "running" and not is_claimed(ref.path):
+        state += " (no processor holds it now)"
+    summary.update(state=state, attempt=record.attempt, step=record.current)
+    tails = [s.log_tail for s in record.steps if s.log_tail]
+    if tails:
+        summary["log_tail"] = tails[-1]
+    return summary
+
+
+def show_processing(record: ProcessingRecord) -> None:
+    """The processing record as ``mercure job show`` prints it."""
+    typer.echo(f"processing (attempt {record.attempt}): {record.describe()}")
+    for i, step in enumerate(record.steps):
+        parts = [step.state]
+        if step.exit_code is not None:
+            parts.append(f"exit code {step.exit_code}")
+        if step.duration is not None:
+            parts.append(f"{step.duration:.1f} s")
+        if step.runner:
+            parts.append(f"runner {step.runner}")
+        if step.state == "done":
+            parts.append(f"{step.outputs} DICOM output(s)")
+        typer.echo(f"  step {i + 1} {step.module}: {', '.join(parts)}")
+        if step.error:
+            typer.echo(f"    {step.error}")
+        if step.log_file:
+            typer.echo(f"    log: {step.log_file}")
+        if step.log_tail:
+            typer.echo("    log tail:")
+            for line in step.log_tail.splitlines():
+                typer.echo(f"      {line}")
+    if record.failure:
+        typer.echo(f"  failure: {record.failure.splitlines()[0]}")
+    if record.dispatch_job:
+        typer.echo(f"  results sent on as job {record.dispatch_job}")
+    for note in record.notes:
+        typer.echo(f"  note: {note}")
+
+
+def failed_in_processing(ref: JobRef, task: Task) -> bool:
+    """A job in error/ whose processing failed (its inputs are kept to run it again)."""
+    try:
+        record = read_record(ref.path)
+    except ValueError:
+        record = None
+    if record is not None:
+        return record.phase == "failed"
+    return task.info.fail_stage == FAIL_STAGE and bool(processes_of(task))
+
+
+def retry_processing(store: JobStore, ref: JobRef, task: Task) -> int:
+    """Reset a failed processing job for a new attempt from its kept inputs."""
+    if not instance_files(ref.path):
+        raise die(f"job {ref.id} has no input instances left; it cannot be processed again")
+    try:
+        old = read_record(ref.path)
+    except ValueError:
+        old = None
+    attempt = (old.attempt + 1) if old else 1
+    record = new_record([p.module_name for p in processes_of(task)], attempt)
+    if old is not None:
+        record.earlier_attempts = [
+            *old.earlier_attempts,
+            f"attempt {old.attempt}: {(old.failure or old.phase).splitlines()[0]}",
+        ]
+    reset_for_retry(ref.path)
+    write_record(ref.path, record)
+    task.history.append(
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry of processing after: "
+        f"{(task.error or '').splitlines()[0] if task.error else 'error'}"
+    )
+    task.error = None
+    task.info.fail_stage = None
+    store.write(ref, task)
+    return attempt

@@ -34,6 +34,8 @@ class TaskInfo(BaseModel):
     mercure_appliance: str = ""
     mercure_server: str = ""
     device_serial_number: str | None = None
+    # mercure 0.4: where a job in error/ failed ("PROCESSING", "DISPATCHING", "ROUTING").
+    fail_stage: str | None = None
 
 
 class DeliveryAttempt(BaseModel):
@@ -69,7 +71,8 @@ class TaskProcessing(BaseModel):
     module_config: Module | None = None
     settings: dict[str, Any] = {}
     retain_input_images: bool = False
-    output: dict[str, Any] | None = None
+    output: Any = None
+    """The module's parsed ``result.json`` once it ran (any JSON; mercure expects an object)."""
 
 
 class TaskStudy(BaseModel):
@@ -101,6 +104,8 @@ class Task(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     history: list[str] = []
+    parent_id: str | None = None
+    """The processing job whose results this job delivers (``both`` rules)."""
 
     @property
     def dispatch_state(self) -> TaskDispatch | None:

@@ -1,1 +1,2 @@
-"""The router's services: receiver, router, dispatcher, cleaner. Each can run in its own process."""
+"""The router's services: receiver, router, processor, dispatcher, cleaner, notifier; each can
+run in its own process."""

@@ -25,6 +25,7 @@ from mercure.jobs.claims import Claim
 from mercure.jobs.incoming import instance_files, instance_names
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
+from mercure.processing.results import completion_notice
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
 from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles, PermanentTargetError
@@ -223,7 +224,11 @@ class Dispatcher(Service):
                 )
             )
             for rule in self._rules(task):
-                self.runtime.notify_rule("completion", rule, ref.id, task.tags)
+                # The results of processing: the modules' notification text, on request.
+                details, always = completion_notice(self.runtime.config, task, rule)
+                self.runtime.notify_rule(
+                    "completion", rule, ref.id, task.tags, details, always=always
+                )
 
     def _finish_targets(
         self, ref: JobRef, task: Task, dispatch: TaskDispatch, files: list[Path]

@@ -79,6 +79,23 @@ def evaluate_rules(config: Config, tags: dict[str, str]) -> Decision:
     return Decision(triggered, results, fallback_used, discard_rule)
 
 
+def module_settings(
+    config: Config, module: str, rule_settings: list[dict[str, Any]] | dict[str, Any], index: int
+) -> dict[str, Any]:
+    """mercure's step settings: the module's ``settings``, updated by the rule's
+    ``processing_settings`` (a list: one object per step of a chain)."""
+    merged: dict[str, Any] = {}
+    definition = config.modules.get(module)
+    if definition is not None:
+        merged.update(definition.settings)
+    if isinstance(rule_settings, list):
+        if index < len(rule_settings):
+            merged.update(rule_settings[index])
+    else:
+        merged.update(rule_settings)
+    return merged
+
+
 @dataclass
 class PlannedJob:
     id: str
@@ -136,13 +153,7 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
                 TaskProcessing(
                     module_name=module,
                     module_config=config.modules.get(module),
-                    settings=(
-                        settings[i]
-                        if isinstance(settings, list) and i < len(settings)
-                        else settings
-                        if isinstance(settings, dict)
-                        else {}
-                    ),
+                    settings=module_settings(config, module, settings, i),
                     retain_input_images=rule.processing_retain_images,
                 )
                 for i, module in enumerate(modules)

@@ -15,11 +15,12 @@ from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
 from mercure.services.dispatcher import Dispatcher
 from mercure.services.notifier import NotifierService
+from mercure.services.processor import Processor
 from mercure.services.receiver_pool import ReceiverPool
 from mercure.services.router import Router
 from mercure.services.runtime import Runtime
 
-SERVICES = ("receiver", "router", "dispatcher", "cleaner", "notifier")
+SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "notifier")
 log = get_logger("mercure.run")
 RUN_EVENT_INTERVAL = 60.0
 """mercure sends ``events.run`` once a minute from each running service: a heartbeat."""
@@ -48,6 +49,8 @@ class Supervisor:
         rt.metrics(*(Metric("events.boot", 1, service=name) for name in self.names))
         if "router" in self.names:
             self.services.append(Router(rt))
+        if "processor" in self.names:
+            self.services.append(Processor(rt))
         if "dispatcher" in self.names:
             self.services.append(Dispatcher(rt))
         if "cleaner" in self.names:
@@ -55,9 +58,14 @@ class Supervisor:
         if "notifier" in self.names:
             self.services.append(NotifierService(rt))
         router = next((s for s in self.services if isinstance(s, Router)), None)
+        processor = next((s for s in self.services if isinstance(s, Processor)), None)
         dispatcher = next((s for s in self.services if isinstance(s, Dispatcher)), None)
         if router is not None and dispatcher is not None:
             router.on_jobs_created.append(dispatcher.wake)
+        if router is not None and processor is not None:
+            router.on_jobs_created.append(processor.wake)
+        if processor is not None and dispatcher is not None:
+            processor.on_jobs_created.append(dispatcher.wake)
         for service in self.services:
             service.start()
         if "receiver" in self.names:
