@@ -58,6 +58,16 @@ def test_another_runner_picks_up_a_run_by_its_handle(tmp_path: Path) -> None:
     assert outcome is not None and outcome.succeeded
 
 
+def test_launch_is_idempotent_per_run(tmp_path: Path) -> None:
+    run = prepared(tmp_path)
+    r = runner(tmp_path, sleep=0.5)
+    first = r.launch(run)
+    assert r.launch(run) == first  # a processor that died before recording the handle
+    outcome = r.wait(first, timeout=30)
+    assert outcome is not None and outcome.succeeded
+    assert (Path(first) / "log").read_text().count("module says hello") == 1
+
+
 def test_cancel_stops_the_run(tmp_path: Path) -> None:
     run = prepared(tmp_path)
     r = runner(tmp_path, sleep=60)

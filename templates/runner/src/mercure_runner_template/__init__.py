@@ -56,8 +56,11 @@ class TemplateRunner(Runner[TemplateRunnerSettings]):
         argv = self.settings.commands.get(run.module_name)
         if not argv:
             raise RunnerError(f"no command for module '{run.module_name}' in the runner settings")
-        run_dir = run.output_folder.parent / f".run-{run.step}"
-        run_dir.mkdir(exist_ok=True)
+        run_dir = run.run_folder or run.output_folder.parent / f".run-{run.step}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "pid").exists():
+            # Launched before (the processor died before it recorded the handle): never twice.
+            return str(run_dir)
         env = {
             **os.environ,
             **run.environment,
