@@ -1,0 +1,152 @@
+"""The receiver's listening servers: pynetdicom's, with the admission gate in front.
+
+:class:`GuardedServer` hands every accepted connection to its
+:class:`~mercure.builtin.dicom_admission.Gate` instead of starting an association at once;
+the gate hands it back (:meth:`GuardedServer.hand_over`) when the peer has asked for an
+association and a slot is free. :func:`install_pdu_limit` makes pynetdicom refuse a PDU
+longer than the receiver accepts before reading it.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from mercure.builtin.dicom_admission import Admission, AdmissionSettings, Gate
+
+#: pynetdicom's own association limit, left far above the gate's so that it never decides.
+_BACKSTOP_FACTOR = 4
+ACSE_TIMEOUT = 60.0
+GC_INTERVAL = 30.0
+
+_recv_installed = False
+_install_lock = threading.Lock()
+
+
+def configure_ae(ae: AE, settings: AdmissionSettings) -> None:
+    """Timeouts and pynetdicom's association limit for a receiving AE."""
+    ae.maximum_associations = _BACKSTOP_FACTOR * (
+        settings.max_associations + settings.max_pending_connections
+    )
+    ae.network_timeout = settings.network_timeout
+    ae.dimse_timeout = settings.network_timeout
+    ae.acse_timeout = ACSE_TIMEOUT
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """A pynetdicom association server whose connections pass the admission gate first."""
+
+    #: The listen backlog: a burst of connections waits in the kernel, not refused by it.
+    request_queue_size = 1024
+
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        admission: Admission,
+        reuse_port: bool = False,
+    ) -> None:
+        self.reuse_port = reuse_port
+        self.admission = admission
+        self.gate = Gate(self, admission)
+        self.pdu_limit = admission.settings.pdu_limit
+        self._last_gc = time.monotonic()
+        handlers = [
+            (evt.EVT_CONN_OPEN, self.gate.on_conn_open),
+            (evt.EVT_REQUESTED, self.gate.on_requested),
+            *(evt_handlers or []),
+        ]
+        super().__init__(ae, address, ae_title, contexts, ssl_context, handlers)
+        self.gate.start()
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        if self.reuse_port:  # one of several receiver processes sharing the port
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Accepted: to the gate, which hands it over when it asked for an association."""
+        self.gate.submit(request, client_address)
+
+    def hand_over(self, sock: socket.socket, peer: Any) -> None:
+        """Start pynetdicom's association for a connection the gate admitted."""
+        super().process_request(sock, peer)
+
+    def service_actions(self) -> None:
+        # pynetdicom collects garbage every 60 connections; under a flood of connections
+        # that is many full collections a second, so collect on a clock instead.
+        now = time.monotonic()
+        if now - self._last_gc >= GC_INTERVAL:
+            self._last_gc = now
+            gc.collect()
+
+    def shutdown(self) -> None:
+        # Made with make_server, so the AE does not list it among the servers it started.
+        socketserver.TCPServer.shutdown(self)
+        self.gate.stop()
+        self.server_close()
+
+
+def serve(
+    ae: AE,
+    address: tuple[str, int],
+    handlers: list[Any],
+    admission: Admission,
+    *,
+    reuse_port: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> GuardedServer:
+    """Start a :class:`GuardedServer` in a background thread and return it."""
+    install_pdu_limit()
+    server = ae.make_server(
+        address,
+        evt_handlers=handlers,
+        ssl_context=ssl_context,
+        server_class=GuardedServer,
+        admission=admission,
+        reuse_port=reuse_port,
+    )
+    assert isinstance(server, GuardedServer)
+    thread = threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True)
+    thread.start()
+    return server
+
+
+def _limited_recv(original: Callable[..., bytearray]) -> Callable[..., bytearray]:
+    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+        server = getattr(self.assoc, "_server", None)
+        if isinstance(server, GuardedServer) and nr_bytes > server.pdu_limit:
+            # pynetdicom reads a PDU's length, then asks for that many bytes: refuse before
+            # buffering them. Too few bytes make it close the connection (Evt17).
+            if self.socket is not None:
+                server.gate.pdu_refused(self.socket, nr_bytes)
+            return bytearray()
+        return original(self, nr_bytes)
+
+    return recv
+
+
+def install_pdu_limit() -> None:
+    """Make acceptor sockets of guarded servers refuse PDUs over their limit (once)."""
+    global _recv_installed
+    with _install_lock:
+        if _recv_installed:
+            return
+        original = AssociationSocket.recv
+        AssociationSocket.recv = _limited_recv(original)  # type: ignore[method-assign]
+        _recv_installed = True
