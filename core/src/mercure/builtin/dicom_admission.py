@@ -38,6 +38,7 @@ import termios
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -137,27 +138,31 @@ class ReceiverStats:
         self._lock = threading.Lock()
         self._counts = {"connections_accepted": 0, "associations_admitted": 0}
         self._counts.update({f"refused_{reason}": 0 for reason in REFUSALS})
-        self._gauges: dict[tuple[str, int], int] = {}
+        self._gauges: list[Callable[[], dict[str, int]]] = []
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
 
-    def set_gauge(self, name: str, source: int, value: int) -> None:
+    def add_gauges(self, source: Callable[[], dict[str, int]]) -> None:
+        """``source`` tells the current values of gauges (a port's gate)."""
         with self._lock:
-            self._gauges[(name, source)] = value
+            self._gauges.append(source)
 
-    def drop_gauges(self, source: int) -> None:
+    def remove_gauges(self, source: Callable[[], dict[str, int]]) -> None:
         with self._lock:
-            for key in [k for k in self._gauges if k[1] == source]:
-                del self._gauges[key]
+            if source in self._gauges:
+                self._gauges.remove(source)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             values = dict(self._counts)
-            values["refused_total"] = sum(v for k, v in values.items() if k.startswith("refused_"))
-            for name in ("connections_pending", "associations_active"):
-                values[name] = sum(v for (n, _), v in self._gauges.items() if n == name)
+            sources = list(self._gauges)
+        values["refused_total"] = sum(v for k, v in values.items() if k.startswith("refused_"))
+        values["connections_pending"] = values["associations_active"] = 0
+        for source in sources:
+            for name, value in source().items():
+                values[name] += value
         return values
 
 
@@ -263,13 +268,21 @@ class Gate:
     # -- from other threads ------------------------------------------------------------------
 
     def start(self) -> None:
+        self._admission.stats.add_gauges(self.gauges)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake()
         self._thread.join(10)
-        self._admission.stats.drop_gauges(id(self))
+        self._admission.stats.remove_gauges(self.gauges)
+
+    def gauges(self) -> dict[str, int]:
+        """Connections waiting for their association request, and associations holding slots."""
+        with self._lock:
+            self._prune()
+            pending = sum(len(c) for c in self._pending.values())
+            return {"connections_pending": pending, "associations_active": len(self._admitted)}
 
     def submit(self, sock: socket.socket, peer: Any) -> None:
         """A connection just accepted (called by the accept loop)."""
@@ -590,7 +603,7 @@ class Gate:
             self._forget(conn)
 
     def _sweep(self, now: float) -> None:
-        """Deadlines of waiting connections, the stall watchdog, the gauges."""
+        """Deadlines of waiting connections and the stall watchdog."""
         timeout = self._settings.association_request_timeout
         with self._lock:
             self._prune()
@@ -612,8 +625,6 @@ class Gate:
                 elif now - conn.idle_since >= STALL_GRACE:
                     conn.cut_off = True
                     stalled.append(conn)
-            pending = sum(len(c) for c in self._pending.values())
-            active = len(self._admitted)
         for conn in late:
             self._admission.refuse("request_timeout", conn.address, seconds=timeout)
             if conn.state == WAITING:
@@ -627,9 +638,6 @@ class Gate:
         for conn in stalled:
             self._admission.refuse("stalled", conn.address, calling_ae=conn.calling_ae)
             _shutdown(conn.sock)
-        stats = self._admission.stats
-        stats.set_gauge("connections_pending", id(self), pending)
-        stats.set_gauge("associations_active", id(self), active)
 
     def _close_all(self) -> None:
         with self._lock:

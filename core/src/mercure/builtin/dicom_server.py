@@ -3,13 +3,16 @@
 :class:`GuardedServer` hands every accepted connection to its
 :class:`~mercure.builtin.dicom_admission.Gate` instead of starting an association at once;
 the gate hands it back (:meth:`GuardedServer.hand_over`) when the peer has asked for an
-association and a slot is free. :func:`install_pdu_limit` makes pynetdicom refuse a PDU
-longer than the receiver accepts before reading it.
+association and a slot is free. :func:`install_socket_guards` makes pynetdicom refuse a PDU
+longer than the receiver accepts before reading it, and look for incoming data with ``poll``
+instead of ``select``, which fails for file descriptors above 1023: with that many connections
+open every new association would be dropped as if its peer had closed it.
 """
 
 from __future__ import annotations
 
 import gc
+import select
 import socket
 import socketserver
 import ssl
@@ -112,7 +115,7 @@ def serve(
     ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedServer:
     """Start a :class:`GuardedServer` in a background thread and return it."""
-    install_pdu_limit()
+    install_socket_guards()
     server = ae.make_server(
         address,
         evt_handlers=handlers,
@@ -141,12 +144,30 @@ def _limited_recv(original: Callable[..., bytearray]) -> Callable[..., bytearray
     return recv
 
 
-def install_pdu_limit() -> None:
-    """Make acceptor sockets of guarded servers refuse PDUs over their limit (once)."""
+def _ready(self: AssociationSocket) -> bool:
+    """pynetdicom's ``AssociationSocket.ready``, with ``poll`` instead of ``select``."""
+    sock = self.socket
+    if sock is None or self._is_connected is False:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        ready = bool(poller.poll(0))
+    except (OSError, ValueError):
+        self.event_queue.put("Evt17")  # transport connection closed
+        return False
+    if isinstance(sock, ssl.SSLSocket):  # decrypted bytes poll cannot see
+        return ready or bool(sock.pending())
+    return ready
+
+
+def install_socket_guards() -> None:
+    """Patch pynetdicom's sockets once: the PDU limit and ``poll`` (see the module docstring)."""
     global _recv_installed
     with _install_lock:
         if _recv_installed:
             return
         original = AssociationSocket.recv
         AssociationSocket.recv = _limited_recv(original)  # type: ignore[method-assign]
+        AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
         _recv_installed = True
