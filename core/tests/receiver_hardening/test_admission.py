@@ -29,7 +29,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-pytestmark = [pytest.mark.peer]
+pytestmark = [
+    pytest.mark.peer,
+    # A receiver thread that dies of an exception is a failure, not a warning.
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 SUCCESS = 0x0000
 

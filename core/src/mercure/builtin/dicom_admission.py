@@ -64,6 +64,7 @@ REFUSALS = {
     "association_limit_per_address": "refused association: this address holds all the "
     "association slots one address may have",
     "pdu_too_large": "refused association: PDU longer than the receiver accepts; aborted",
+    "malformed_message": "refused association: a DIMSE message cannot be decoded; aborted",
     "stalled": "refused association: the peer stopped in the middle of a PDU; cut off",
 }
 
@@ -321,14 +322,19 @@ class Gate:
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient: local limit exceeded
             assoc.kill()
 
-    def pdu_refused(self, sock: socket.socket, length: int) -> None:
-        """A peer announced a PDU longer than the receiver reads (called by its DUL thread)."""
+    def abort(self, sock: socket.socket, reason: str, **fields: Any) -> None:
+        """Abort an association for ``reason`` of :data:`REFUSALS` (called by its DUL thread).
+
+        Sends an A-ABORT and ends the connection; pynetdicom's reader then sees it closed and
+        ends the association. Only the first refusal of a connection is counted.
+        """
         with self._lock:
             conn = self._by_sock.get(sock)
-        address = conn.address if conn else "?"
-        self._admission.refuse(
-            "pdu_too_large", address, pdu_length=length, limit=self._settings.pdu_limit
-        )
+            if conn is not None:
+                if conn.cut_off:
+                    return
+                conn.cut_off = True
+        self._admission.refuse(reason, conn.address if conn else "?", **fields)
         with contextlib.suppress(OSError, ValueError):
             sock.settimeout(1.0)  # a peer that does not read gets no abort, only the close
             sock.sendall(dicom_pdu.abort_pdu(dicom_pdu.ABORT_INVALID_PARAMETER))

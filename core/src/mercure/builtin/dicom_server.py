@@ -3,10 +3,14 @@
 :class:`GuardedServer` hands every accepted connection to its
 :class:`~mercure.builtin.dicom_admission.Gate` instead of starting an association at once;
 the gate hands it back (:meth:`GuardedServer.hand_over`) when the peer has asked for an
-association and a slot is free. :func:`install_socket_guards` makes pynetdicom refuse a PDU
-longer than the receiver accepts before reading it, and look for incoming data with ``poll``
-instead of ``select``, which fails for file descriptors above 1023: with that many connections
-open every new association would be dropped as if its peer had closed it.
+association and a slot is free. :func:`install_guards` patches pynetdicom, once:
+
+* a PDU longer than the receiver accepts is refused before it is read;
+* a DIMSE message that cannot be decoded aborts its association (pynetdicom lets the
+  exception end its reader thread, with no A-ABORT sent);
+* sockets are watched with ``poll`` instead of ``select``, which fails for file descriptors
+  above 1023: with that many connections open every new association would be dropped as if
+  its peer had closed it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings, Gate
@@ -31,7 +36,7 @@ _BACKSTOP_FACTOR = 4
 ACSE_TIMEOUT = 60.0
 GC_INTERVAL = 30.0
 
-_recv_installed = False
+_installed = False
 _install_lock = threading.Lock()
 
 
@@ -115,7 +120,7 @@ def serve(
     ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedServer:
     """Start a :class:`GuardedServer` in a background thread and return it."""
-    install_socket_guards()
+    install_guards()
     server = ae.make_server(
         address,
         evt_handlers=handlers,
@@ -137,7 +142,9 @@ def _limited_recv(original: Callable[..., bytearray]) -> Callable[..., bytearray
             # pynetdicom reads a PDU's length, then asks for that many bytes: refuse before
             # buffering them. Too few bytes make it close the connection (Evt17).
             if self.socket is not None:
-                server.gate.pdu_refused(self.socket, nr_bytes)
+                server.gate.abort(
+                    self.socket, "pdu_too_large", pdu_length=nr_bytes, limit=server.pdu_limit
+                )
             return bytearray()
         return original(self, nr_bytes)
 
@@ -161,13 +168,33 @@ def _ready(self: AssociationSocket) -> bool:
     return ready
 
 
-def install_socket_guards() -> None:
-    """Patch pynetdicom's sockets once: the PDU limit and ``poll`` (see the module docstring)."""
-    global _recv_installed
-    with _install_lock:
-        if _recv_installed:
+def _guarded_receive(original: Callable[..., None]) -> Callable[..., None]:
+    def receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+        assoc = self.assoc
+        server = getattr(assoc, "_server", None)
+        if not isinstance(server, GuardedServer):
+            original(self, primitive)
             return
-        original = AssociationSocket.recv
-        AssociationSocket.recv = _limited_recv(original)  # type: ignore[method-assign]
+        try:
+            original(self, primitive)
+        except Exception as exc:
+            self.message = None
+            sock = getattr(assoc.dul.socket, "socket", None)
+            if sock is not None:
+                server.gate.abort(sock, "malformed_message", error=repr(exc)[:200])
+
+    return receive_primitive
+
+
+def install_guards() -> None:
+    """Patch pynetdicom once (see the module docstring); a no-op for requestors."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        AssociationSocket.recv = _limited_recv(AssociationSocket.recv)  # type: ignore[method-assign]
         AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
-        _recv_installed = True
+        DIMSEServiceProvider.receive_primitive = _guarded_receive(  # type: ignore[method-assign]
+            DIMSEServiceProvider.receive_primitive
+        )
+        _installed = True
