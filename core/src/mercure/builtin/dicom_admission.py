@@ -65,6 +65,8 @@ REFUSALS = {
     "association slots one address may have",
     "pdu_too_large": "refused association: PDU longer than the receiver accepts; aborted",
     "malformed_message": "refused association: a DIMSE message cannot be decoded; aborted",
+    "protocol_error": "refused association: a PDU came when the protocol does not allow it; "
+    "aborted",
     "stalled": "refused association: the peer stopped in the middle of a PDU; cut off",
 }
 
@@ -72,7 +74,8 @@ REFUSALS = {
 UNLIMITED_PDU_CEILING = 1 << 30
 #: Slack over ``max_pdu`` for senders that count the PDU header into the maximum.
 PDU_SLACK = 64
-#: How long an association's idle timer may have run out before the watchdog cuts it off.
+#: How long an association's idle timer may have run out before the watchdog cuts it off
+#: (at most ``network_timeout``).
 STALL_GRACE = 5.0
 SWEEP_INTERVAL = 0.25
 LOG_INTERVAL = 10.0
@@ -110,9 +113,8 @@ class AdmissionSettings:
 
     @property
     def pdu_limit(self) -> int:
-        """The longest PDU (its length field) read from a peer."""
-        limit = self.max_pdu + PDU_SLACK if self.max_pdu > 0 else UNLIMITED_PDU_CEILING
-        return max(limit, dicom_pdu.MAX_ASSOCIATE_RQ)
+        """The longest PDU (its length field) read from a peer once associated."""
+        return self.max_pdu + PDU_SLACK if self.max_pdu > 0 else UNLIMITED_PDU_CEILING
 
     def address_listed(self, address: str) -> bool:
         """Known by its address alone (only when ``allowed_addresses`` is configured)."""
@@ -628,7 +630,7 @@ class Gate:
                     conn.idle_since = None
                 elif conn.idle_since is None:
                     conn.idle_since = now
-                elif now - conn.idle_since >= STALL_GRACE:
+                elif now - conn.idle_since >= min(STALL_GRACE, self._settings.network_timeout):
                     conn.cut_off = True
                     stalled.append(conn)
         for conn in late:

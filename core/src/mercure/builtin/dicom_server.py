@@ -6,8 +6,9 @@ the gate hands it back (:meth:`GuardedServer.hand_over`) when the peer has asked
 association and a slot is free. :func:`install_guards` patches pynetdicom, once:
 
 * a PDU longer than the receiver accepts is refused before it is read;
-* a DIMSE message that cannot be decoded aborts its association (pynetdicom lets the
-  exception end its reader thread, with no A-ABORT sent);
+* a DIMSE message that cannot be decoded, or a PDU the protocol's state machine does not
+  allow where it comes, aborts its association (pynetdicom lets the exception end its
+  reader thread, with a traceback and no A-ABORT);
 * sockets are watched with ``poll`` instead of ``select``, which fails for file descriptors
   above 1023: with that many connections open every new association would be dropped as if
   its peer had closed it.
@@ -27,9 +28,11 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings, Gate
+from mercure.builtin.dicom_pdu import MAX_ASSOCIATE_RQ
 
 #: pynetdicom's own association limit, left far above the gate's so that it never decides.
 _BACKSTOP_FACTOR = 4
@@ -80,6 +83,12 @@ class GuardedServer(ThreadedAssociationServer):
         ]
         super().__init__(ae, address, ae_title, contexts, ssl_context, handlers)
         self.gate.start()
+
+    def pdu_limit_now(self, assoc: Any) -> int:
+        """The longest PDU to read for ``assoc``: its request may be longer than ``max_pdu``."""
+        if assoc.is_established:
+            return self.pdu_limit
+        return max(self.pdu_limit, MAX_ASSOCIATE_RQ)
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -138,13 +147,12 @@ def serve(
 def _limited_recv(original: Callable[..., bytearray]) -> Callable[..., bytearray]:
     def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
         server = getattr(self.assoc, "_server", None)
-        if isinstance(server, GuardedServer) and nr_bytes > server.pdu_limit:
+        if isinstance(server, GuardedServer) and nr_bytes > server.pdu_limit_now(self.assoc):
             # pynetdicom reads a PDU's length, then asks for that many bytes: refuse before
             # buffering them. Too few bytes make it close the connection (Evt17).
             if self.socket is not None:
-                server.gate.abort(
-                    self.socket, "pdu_too_large", pdu_length=nr_bytes, limit=server.pdu_limit
-                )
+                limit = server.pdu_limit_now(self.assoc)
+                server.gate.abort(self.socket, "pdu_too_large", pdu_length=nr_bytes, limit=limit)
             return bytearray()
         return original(self, nr_bytes)
 
@@ -186,6 +194,27 @@ def _guarded_receive(original: Callable[..., None]) -> Callable[..., None]:
     return receive_primitive
 
 
+def _guarded_action(original: Callable[..., None]) -> Callable[..., None]:
+    def do_action(self: StateMachine, event: str) -> None:
+        dul = self.dul
+        server = getattr(dul.assoc, "_server", None)
+        if not isinstance(server, GuardedServer):
+            original(self, event)
+            return
+        state = self.current_state
+        try:
+            original(self, event)
+        except Exception as exc:
+            dul.kill_dul()  # the reader ends; the association sees it and ends too
+            sock = getattr(dul.socket, "socket", None)
+            if sock is not None:
+                server.gate.abort(
+                    sock, "protocol_error", fsm_event=event, state=state, error=repr(exc)[:200]
+                )
+
+    return do_action
+
+
 def install_guards() -> None:
     """Patch pynetdicom once (see the module docstring); a no-op for requestors."""
     global _installed
@@ -197,4 +226,5 @@ def install_guards() -> None:
         DIMSEServiceProvider.receive_primitive = _guarded_receive(  # type: ignore[method-assign]
             DIMSEServiceProvider.receive_primitive
         )
+        StateMachine.do_action = _guarded_action(StateMachine.do_action)  # type: ignore[method-assign]
         _installed = True
