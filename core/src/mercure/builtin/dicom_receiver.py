@@ -58,7 +58,8 @@ class _DeferredHandshakeContext(ssl.SSLContext):
 
     pynetdicom wraps each accepted socket in its accept loop; with the handshake done there, one
     client that connects and sends nothing would block every other TLS association. The
-    handshake is done by :func:`_tls_handshake` when the connection opens instead.
+    admission gate (:mod:`mercure.builtin.dicom_admission`) shakes hands without blocking;
+    :func:`_tls_handshake` then finds it done and logs the client's certificate.
     """
 
     def wrap_socket(  # type: ignore[override]
