@@ -20,7 +20,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from mercure.builtin.dicom_receiver import DicomReceiver
+from mercure.builtin.dicom_receiver import DicomReceiver, dicom_receiver_for
 from mercure.jobs.incoming import IncomingSpool
 from mercure.testing import config_for
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -57,7 +57,7 @@ OTHER_HOST = "127.0.0.2"
 def running_receiver(tmp_path: Path, **settings: Any) -> Iterator[DicomReceiver]:
     """A DICOM receiver on a free loopback port writing into a spool under ``tmp_path``."""
     config = config_for(tmp_path, dicom_receiver={"bind_address": "127.0.0.1", **settings})
-    receiver = DicomReceiver(config, IncomingSpool(config.folder("incoming"), fsync=False))
+    receiver = dicom_receiver_for(config, IncomingSpool(config.folder("incoming"), fsync=False))
     receiver.start()
     try:
         yield receiver
@@ -67,7 +67,7 @@ def running_receiver(tmp_path: Path, **settings: Any) -> Iterator[DicomReceiver]
 
 def spool_files(receiver: DicomReceiver) -> list[Path]:
     """Every file under the receiver's incoming folder (temporary ones included)."""
-    return sorted(p for p in receiver.config.folder("incoming").rglob("*") if p.is_file())
+    return sorted(p for p in receiver.spool.folder.rglob("*") if p.is_file())
 
 
 def stored_sop_uids(receiver: DicomReceiver) -> set[str]:

@@ -56,7 +56,6 @@ from pydicom.uid import (  # noqa: E402
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
-    generate_uid,
 )
 
 pytestmark = [
@@ -143,21 +142,25 @@ def test_fuzz_first_pdu_check(capsys: pytest.CaptureFixture[str]) -> None:
     report(capsys, "A-ASSOCIATE-RQ check", outcomes)
 
 
+# Fixed UIDs: the same bytes in every run, so that CI's cases are the same every time.
+UID = "1.2.826.0.1.3680043.9.7.2.1"
+
+
 def _dataset_bases() -> list[tuple[bytes, str]]:
     bases = []
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian):
-        ds = make_dataset(generate_uid(), generate_uid(), 0, rows=4, columns=4)
+        ds = make_dataset(UID + ".1", UID + ".2", 0, rows=4, columns=4)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID + ".3"
         item = Dataset()
-        item.ReferencedSOPInstanceUID = generate_uid()
+        item.ReferencedSOPInstanceUID = UID + ".4"
         item.ReferencedSOPClassUID = CTImageStorage
         ds.ReferencedImageSequence = Sequence([item, item])
         ds.file_meta.TransferSyntaxUID = syntax
         bases.append((_encode(ds), str(syntax)))
-    uid = generate_uid()
-    bases.append((dataset_header(uid) + deeply_nested(40), str(ExplicitVRLittleEndian)))
+    bases.append((dataset_header(UID) + deeply_nested(40), str(ExplicitVRLittleEndian)))
     bases.append(
         (
-            dataset_header(uid) + element(0x7FE0, 0x0010, b"OB", b"\x00" * 64),
+            dataset_header(UID) + element(0x7FE0, 0x0010, b"OB", b"\x00" * 64),
             str(ExplicitVRLittleEndian),
         )
     )
@@ -204,9 +207,8 @@ def test_fuzz_dataset_check(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _p_data_bases() -> list[bytes]:
-    uid = generate_uid()
-    body = dataset_header(uid) + element(0x7FE0, 0x0010, b"OW", b"\x01" * 3000)
-    pdus = store_pdus(body, uid, max_pdu=1024)
+    body = dataset_header(UID) + element(0x7FE0, 0x0010, b"OW", b"\x01" * 3000)
+    pdus = store_pdus(body, UID, max_pdu=1024)
     return [pdus[0], pdus[1], pdus[-1], b"".join(pdus[:3]), b"".join(pdus)]
 
 
