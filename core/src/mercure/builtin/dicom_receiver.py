@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from mercure import dimse_tuning, hookimpl
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings, ReceiverStats
+from mercure.builtin.dicom_gate import tls_failure
 from mercure.builtin.dicom_server import configure_ae, serve
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
@@ -126,16 +127,7 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
         sock.do_handshake()
         sock.settimeout(previous)
     except (OSError, ValueError) as exc:
-        reason = str((exc.reason or exc) if isinstance(exc, ssl.SSLError) else exc)
-        upper = reason.upper()
-        if "CERTIFICATE" in upper:
-            hint = "the client must present a certificate signed by dicom_receiver.tls.ca_cert"
-        elif "WRONG_VERSION" in upper or "HTTP" in upper or "RECORD" in upper:
-            hint = "the client does not speak TLS: plain DICOM goes to the receiver's plain port"
-        elif isinstance(exc, TimeoutError):
-            hint = f"the client sent no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
-        else:
-            hint = "check the client's TLS settings"
+        reason, hint = tls_failure(exc)
         log.warning(
             "DICOM TLS handshake failed; connection closed",
             address=address,

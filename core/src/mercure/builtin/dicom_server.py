@@ -31,7 +31,8 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from mercure.builtin.dicom_admission import Admission, AdmissionSettings, Gate
+from mercure.builtin.dicom_admission import Admission, AdmissionSettings
+from mercure.builtin.dicom_gate import Gate
 from mercure.builtin.dicom_pdu import MAX_ASSOCIATE_RQ
 
 #: pynetdicom's own association limit, left far above the gate's so that it never decides.
