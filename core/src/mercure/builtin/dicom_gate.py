@@ -149,9 +149,11 @@ class Gate:
 
     def submit(self, sock: socket.socket, peer: Any) -> None:
         """A connection just accepted (called by the accept loop)."""
-        if len(self._inbox) > 4 * self._settings.max_pending_connections:
+        address = str(peer[0])
+        backlog = len(self._inbox) > 4 * self._settings.max_pending_connections
+        if backlog and not self._settings.address_listed(address):
             # The gate cannot keep up: the accept loop must not queue without bound.
-            self._admission.refuse("pending_total", str(peer[0]))
+            self._admission.refuse("pending_total", address)
             _close(sock)
             return
         self._inbox.append((sock, peer, time.monotonic()))
