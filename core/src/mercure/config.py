@@ -79,6 +79,22 @@ class DicomReceiverConfig(BaseModel):
     processes: int = Field(default=1, ge=1, le=64)
     """Receiver processes sharing the port (``SO_REUSEPORT``): parallel associations use
     several cores. 1 keeps the receiver in the ``mercure run`` process."""
+    association_request_timeout: float = Field(default=10.0, gt=0, le=600)
+    """Seconds a new connection has to send its A-ASSOCIATE-RQ (TLS handshake included);
+    until then it holds no association slot, and then it is closed."""
+    max_pending_connections: int = Field(default=128, ge=1, le=100_000)
+    """Connections that have not yet sent their association request, per port and process;
+    at the limit the busiest address's oldest one is closed for a new one."""
+    max_pending_per_address: int = Field(default=16, ge=1, le=100_000)
+    """The same for one source address: its oldest is closed for its new one."""
+    max_associations: int = Field(default=64, ge=1, le=10_000)
+    """Concurrent associations per port and process; more are rejected as transient
+    ("local limit exceeded"). Allow-listed senders have as many slots of their own."""
+    max_associations_per_address: int = Field(default=32, ge=1, le=10_000)
+    """Concurrent associations one source address may hold."""
+    network_timeout: float = Field(default=60.0, gt=0, le=3600)
+    """Seconds a sender may stay silent within an association (also mid-dataset) before
+    the association is aborted and its slot freed."""
 
 
 class ProcessingLogsConfig(BaseModel):

@@ -2,7 +2,9 @@
 
 A sender that dies or misbehaves can deliver a dataset cut off in the middle of an element.
 Parsing up to the pixel data would not notice, so the receiver walks the element headers (no
-values are decoded) and checks that they end exactly where the stream ends.
+values are decoded) and checks that they end exactly where the stream ends. Sequences of
+undefined length are walked into, at most :data:`MAX_NESTING` deep: a hostile dataset of
+thousands of nested sequences is refused instead of exhausting the stack.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
+#: Deeper nesting of undefined-length sequences and items than any real dataset has.
+MAX_NESTING = 128
 
 
 class TruncatedDatasetError(ValueError):
-    """The dataset ends inside an element, or an element runs past its end."""
+    """The dataset ends inside an element, an element runs past its end, or it nests deeper
+    than :data:`MAX_NESTING`."""
 
 
 def check_dataset(stream: bytes | memoryview, transfer_syntax: str) -> None:
@@ -47,15 +52,25 @@ def check_dataset(stream: bytes | memoryview, transfer_syntax: str) -> None:
     data = memoryview(stream)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
-    end = _walk(data, 0, len(data), implicit, endian, stop_at=None)
+    end = _walk(data, 0, len(data), implicit, endian, stop_at=None, depth=0)
     if end != len(data):
         raise TruncatedDatasetError(f"dataset ends at byte {end} of {len(data)}")
 
 
 def _walk(
-    data: memoryview, pos: int, end: int, implicit: bool, endian: str, stop_at: int | None
+    data: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    endian: str,
+    stop_at: int | None,
+    depth: int,
 ) -> int:
     """Walk elements from ``pos``; return the offset after the last one (or the delimiter)."""
+    if depth > MAX_NESTING:
+        raise TruncatedDatasetError(
+            f"sequences nested deeper than {MAX_NESTING} levels at byte {pos}"
+        )
     u16 = struct.Struct(endian + "H")
     u32 = struct.Struct(endian + "I")
     while pos < end:
@@ -82,7 +97,7 @@ def _walk(
                 length = u16.unpack_from(data, pos + 6)[0]
                 pos += 8
         if length == _UNDEFINED:
-            pos = _walk_undefined(data, pos, end, implicit, endian, vr, tag)
+            pos = _walk_undefined(data, pos, end, implicit, endian, depth)
             continue
         if pos + length > end:
             raise TruncatedDatasetError(
@@ -94,7 +109,7 @@ def _walk(
 
 
 def _walk_undefined(
-    data: memoryview, pos: int, end: int, implicit: bool, endian: str, vr: bytes, tag: int
+    data: memoryview, pos: int, end: int, implicit: bool, endian: str, depth: int
 ) -> int:
     """Skip a sequence or encapsulated pixel data of undefined length."""
     u32 = struct.Struct(endian + "I")
@@ -111,7 +126,7 @@ def _walk_undefined(
         if item_tag != _ITEM:
             raise TruncatedDatasetError(f"expected an item at byte {pos - 8}")
         if length == _UNDEFINED:
-            pos = _walk(data, pos, end, implicit, endian, stop_at=_ITEM_DELIM)
+            pos = _walk(data, pos, end, implicit, endian, stop_at=_ITEM_DELIM, depth=depth + 1)
         else:
             if pos + length > end:
                 raise TruncatedDatasetError(f"item of {length} bytes cut off at byte {pos}")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import socketserver
 import ssl
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mercure import dimse_tuning, hookimpl
+from mercure.builtin.dicom_admission import Admission, AdmissionSettings, ReceiverStats
+from mercure.builtin.dicom_gate import tls_failure
+from mercure.builtin.dicom_server import configure_ae, serve
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
@@ -58,7 +59,8 @@ class _DeferredHandshakeContext(ssl.SSLContext):
 
     pynetdicom wraps each accepted socket in its accept loop; with the handshake done there, one
     client that connects and sends nothing would block every other TLS association. The
-    handshake is done by :func:`_tls_handshake` when the connection opens instead.
+    admission gate (:mod:`mercure.builtin.dicom_admission`) shakes hands without blocking;
+    :func:`_tls_handshake` then finds it done and logs the client's certificate.
     """
 
     def wrap_socket(  # type: ignore[override]
@@ -125,16 +127,7 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
         sock.do_handshake()
         sock.settimeout(previous)
     except (OSError, ValueError) as exc:
-        reason = str((exc.reason or exc) if isinstance(exc, ssl.SSLError) else exc)
-        upper = reason.upper()
-        if "CERTIFICATE" in upper:
-            hint = "the client must present a certificate signed by dicom_receiver.tls.ca_cert"
-        elif "WRONG_VERSION" in upper or "HTTP" in upper or "RECORD" in upper:
-            hint = "the client does not speak TLS: plain DICOM goes to the receiver's plain port"
-        elif isinstance(exc, TimeoutError):
-            hint = f"the client sent no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
-        else:
-            hint = "check the client's TLS settings"
+        reason, hint = tls_failure(exc)
         log.warning(
             "DICOM TLS handshake failed; connection closed",
             address=address,
@@ -148,20 +141,6 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
     if peer:
         subject = ", ".join("=".join(item) for rdn in peer.get("subject", ()) for item in rdn)
         log.info("DICOM TLS connection", address=address, client_cert=subject)
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port other receiver processes of this router share."""
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def shutdown(self) -> None:
-        # Made with make_server, so the AE does not list it among the servers it started.
-        socketserver.TCPServer.shutdown(self)
-        self.server_close()
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -216,6 +195,9 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         self.extra_tags = list(self.settings.additional_tags)
         self.servers: list[ThreadedAssociationServer] = []
         self.on_stored: Callable[[str, str], None] | None = None
+        #: Connection and refusal counters of both ports (see ``dicom_admission``).
+        self.stats = ReceiverStats()
+        self.admission = Admission(AdmissionSettings.from_config(self.settings), self.stats)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -230,10 +212,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification, UNCOMPRESSED)
-        ae.maximum_associations = 64
-        ae.network_timeout = 60
-        ae.acse_timeout = 60
-        ae.dimse_timeout = 60
+        configure_ae(ae, self.admission.settings)
         return ae
 
     def _handlers(self) -> Any:
@@ -246,18 +225,18 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
     #: Set by the supervisor when several receiver processes share the port.
     reuse_port = False
 
-    def _serve(self, ae: AE, address: tuple[str, int]) -> ThreadedAssociationServer:
-        """Start a non-blocking server; with ``reuse_port``, one of several sharing the port."""
-        if not self.reuse_port:
-            server = ae.start_server(address, block=False, evt_handlers=self._handlers())
-            assert server is not None  # non-blocking start returns the server
-            return server
-        shared = ae.make_server(
-            address, evt_handlers=self._handlers(), server_class=_ReusePortServer
+    def _serve(
+        self, ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None = None
+    ) -> ThreadedAssociationServer:
+        """Start a server behind the admission gate; with ``reuse_port``, one sharing the port."""
+        return serve(
+            ae,
+            address,
+            self._handlers(),
+            self.admission,
+            reuse_port=self.reuse_port and ssl_context is None,
+            ssl_context=ssl_context,
         )
-        thread = threading.Thread(target=shared.serve_forever, name="dicom-receiver", daemon=True)
-        thread.start()
-        return shared
 
     def start(self) -> None:
         dimse_tuning.install()
@@ -268,13 +247,11 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         log.info("DICOM receiver listening", address=address[0], port=self.port)
         tls = self.settings.tls
         if tls is not None:
-            tls_server = self._make_ae().start_server(
+            tls_server = self._serve(
+                self._make_ae(),
                 (self.settings.bind_address, tls.port),
-                block=False,
-                evt_handlers=self._handlers(),
                 ssl_context=server_tls_context(tls),
             )
-            assert tls_server is not None
             self.servers.append(tls_server)
             log.info(
                 "DICOM TLS receiver listening",
