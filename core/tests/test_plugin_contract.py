@@ -445,6 +445,8 @@ def test_a_recording_sink_sees_the_operators_metrics(
             "queue.incoming_series",
             "queue.notifications",
             "spool.free_bytes",
+            "receiver.connections_accepted",
+            "receiver.associations_active",
         }
         wait_for(lambda: expected <= names() or None, timeout=20, what=f"metrics {expected}")
         files = [m for m in ProbeSink.recorded if m.name == "incoming.files"]

@@ -164,11 +164,11 @@ class MetricsHub:
         worker.stats.sent += len(batch)
 
     def _gauges(self) -> None:
-        due = [0.0 for _ in self._gauge_sources]
+        due: dict[int, float] = {}  # sources may be added after start (a receiver's counters)
         while not self._stop.is_set():
             now = time.monotonic()
-            for i, (interval, source) in enumerate(self._gauge_sources):
-                if now < due[i]:
+            for i, (interval, source) in enumerate(list(self._gauge_sources)):
+                if now < due.get(i, 0.0):
                     continue
                 due[i] = now + interval
                 try:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mercure.logs import get_logger
+from mercure.metrics import Metric
 
 if TYPE_CHECKING:
     from mercure.config import DicomReceiverConfig
@@ -182,3 +183,35 @@ class Admission:
         if left_out:
             fields["not_logged_since_last"] = left_out
         log.warning(REFUSALS[reason], address=address, reason=reason, **fields)
+
+
+class StatsMetrics:
+    """The receiver's counters as metrics for the metrics hub's periodic gauges.
+
+    Counters go out as increments since the previous call (``receiver.refused`` with the
+    reason as a tag), the pending connections and active associations as gauges.
+    """
+
+    GAUGES = ("connections_pending", "associations_active")
+
+    def __init__(self, stats: ReceiverStats) -> None:
+        self.stats = stats
+        self._last: dict[str, int] = {}
+
+    def __call__(self) -> list[Metric]:
+        now = self.stats.snapshot()
+        found: list[Metric] = []
+        for name, value in now.items():
+            if name in self.GAUGES:
+                found.append(Metric(f"receiver.{name}", value, kind="gauge", service="receiver"))
+                continue
+            delta = value - self._last.get(name, 0)
+            if delta <= 0 or name == "refused_total":
+                continue
+            if name.startswith("refused_"):
+                tags = {"reason": name.removeprefix("refused_")}
+                found.append(Metric("receiver.refused", delta, tags, service="receiver"))
+            else:
+                found.append(Metric(f"receiver.{name}", delta, service="receiver"))
+        self._last = now
+        return found

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+from mercure.builtin.dicom_admission import StatsMetrics
 from mercure.builtin.dicom_receiver import dicom_receiver_for
 from mercure.logs import get_logger
 from mercure.metrics import Metric
@@ -74,6 +75,7 @@ class Supervisor:
             dicom.reuse_port = bool(extra)
             dicom.start()
             self.receivers.append(dicom)
+            rt.metrics_hub.add_gauges(rt.config.metrics_interval, StatsMetrics(dicom.stats))
             if extra:
                 self.pool = ReceiverPool(rt.config, dicom.port, extra, fsync=rt.fsync)
                 self.pool.start()
