@@ -3,20 +3,15 @@
 * ``certs``: a CA, server and client certificates (trustme), plus a second, unrelated CA.
 * ``RecordingSCP``: an in-process pynetdicom C-STORE SCP that records what each association
   delivered, and can answer chosen instances with a failure status or abort mid-transfer.
-* ``orthanc``: a real Orthanc started on free ports with its own storage, stopped by PID.
-* ``make_job`` / ``run_dispatch``: a job in the spool delivered by the core's Dispatcher.
+* ``orthanc_tls``: a real Orthanc whose DICOM port requires TLS with a client certificate
+  (``orthanc`` and ``dispatch_env`` come from the core's pytest plugin, ``mercure.testing``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +19,7 @@ from typing import Any
 
 import pytest
 import trustme
-from mercure.jobs.store import JobRef
-from mercure.jobs.task import Task, TaskDispatch, TaskInfo
-from mercure.plugins import build_plugin_manager
-from mercure.services.dispatcher import Dispatcher
-from mercure.services.runtime import Runtime, build_runtime
-from mercure.testing import DcmtkStoreSCP, config_for, free_port
+from mercure.testing import DcmtkStoreSCP, Orthanc, free_port
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -38,7 +28,6 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 
 
@@ -207,105 +196,12 @@ def recording_scp() -> Iterator[Callable[..., RecordingSCP]]:
         scp.stop()
 
 
-# -- Orthanc ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Orthanc:
-    """A real Orthanc on free ports (DICOM and HTTP on 127.0.0.1 only)."""
-
-    folder: Path
-    http_port: int
-    dicom_port: int
-    aet: str = "ORTHANC"
-    extra: dict[str, Any] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Orthanc:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "mercure-test",
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.aet,
-            "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "index"),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True,
-            "HttpServerEnabled": True,
-            "Plugins": [],
-            **self.extra,
-        }
-        cfg = self.folder / "orthanc.json"
-        cfg.write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - kept open for the process
-        self.proc = subprocess.Popen(
-            [str(ORTHANC), str(cfg)],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Orthanc exited early: {(self.folder / 'orthanc.log').read_text()[-2000:]}"
-                )
-            try:
-                self.get("/system")
-                if _port_open(self.dicom_port):
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("Orthanc did not answer GET /system within 60 s")
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as rsp:
-            return json.loads(rsp.read())
-
-    def sop_instance_uids(self) -> set[str]:
-        uids: set[str] = set()
-        for instance_id in self.get("/instances"):
-            tags = self.get(f"/instances/{instance_id}/simplified-tags")
-            uids.add(tags["SOPInstanceUID"])
-        return uids
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    if not ORTHANC.exists():
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    server = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+# -- Orthanc (the class and the plain ``orthanc`` fixture are mercure.testing's) ----------
 
 
 @pytest.fixture
 def orthanc_tls(tmp_path: Path, certs: Certs) -> Iterator[Orthanc]:
     """Orthanc whose DICOM port speaks TLS only and requires a client certificate."""
-    if not ORTHANC.exists():
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
     tls = {
         "DicomTlsEnabled": True,
         "DicomTlsCertificate": str(certs.srv_crt),
@@ -313,85 +209,8 @@ def orthanc_tls(tmp_path: Path, certs: Certs) -> Iterator[Orthanc]:
         "DicomTlsTrustedCertificates": str(certs.ca),
         "DicomTlsRemoteCertificateRequired": True,
     }
-    server = Orthanc(tmp_path / "orthanc-tls", free_port(), free_port(), extra=tls).start()
+    server = Orthanc(tmp_path / "orthanc-tls", extra=tls).start()
     try:
         yield server
     finally:
         server.stop()
-
-
-# -- jobs through the core's dispatcher --------------------------------------------------------
-
-
-class DispatchEnv:
-    """A runtime and the core's Dispatcher over a spool in ``tmp_path``; jobs made by hand.
-
-    Retries are due at once (``retry_delay`` 0) and each :meth:`deliver` is one synchronous
-    delivery attempt, so tests follow a job try by try without waiting.
-    """
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.runtime: Runtime | None = None
-        self.dispatcher: Dispatcher | None = None
-
-    def start(self, targets: dict[str, Any], **overrides: Any) -> DispatchEnv:
-        """(Re)build the runtime with these targets; jobs already in the spool stay."""
-        self.close()
-        overrides.setdefault("retry_delay", 0)
-        overrides.setdefault("retry_max", 5)
-        name = next(iter(targets))
-        config = config_for(
-            self.tmp_path,
-            targets=targets,
-            rules={"all": {"rule": "True", "target": name}},
-            **overrides,
-        )
-        self.runtime = build_runtime(config, build_plugin_manager(), fsync=False)
-        self.dispatcher = Dispatcher(self.runtime)
-        return self
-
-    def job(self, files: list[Path], target: str, tags: dict[str, str] | None = None) -> JobRef:
-        """A job in ``outgoing/`` holding ``files`` for ``target``, as the router makes it."""
-        assert self.runtime is not None
-        tags = dict(tags or {})
-        series_uid = tags.get("SeriesInstanceUID", "1.2.3")
-        task = Task(
-            info=TaskInfo(
-                action="route",
-                uid=series_uid,
-                triggered_rules={"all": True},
-                applied_rule="all",
-                sender_address=tags.get("SenderAddress", "MISSING"),
-            ),
-            id=str(uuid.uuid4()),
-            dispatch=TaskDispatch(target_name=target, series_uid=series_uid),
-            tags=tags,
-            created_at=time.time(),
-        )
-        return self.runtime.store.create("outgoing", task, files)
-
-    def where(self, ref: JobRef) -> JobRef:
-        assert self.runtime is not None
-        found = self.runtime.store.find_exact(ref.id)
-        assert found is not None, f"job {ref.id} vanished"
-        return found
-
-    def deliver(self, ref: JobRef) -> tuple[JobRef, Task]:
-        """One delivery attempt; return the job's new place and its task file."""
-        assert self.runtime is not None and self.dispatcher is not None
-        self.dispatcher.deliver(self.where(ref))
-        current = self.where(ref)
-        return current, self.runtime.store.read(current)
-
-    def close(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.close()
-            self.dispatcher = None
-
-
-@pytest.fixture
-def dispatch_env(tmp_path: Path) -> Iterator[DispatchEnv]:
-    env = DispatchEnv(tmp_path)
-    yield env
-    env.close()
