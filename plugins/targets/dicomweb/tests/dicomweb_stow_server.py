@@ -255,9 +255,6 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
                 if self.path.rstrip("/") != server.root + "/studies":
                     self._answer(404, b"not found")
                     return
-                if not server.authorized(self.headers):
-                    self._unauthorized()
-                    return
                 ctype = self.headers.get("Content-Type", "")
                 match = re.search(r'boundary="?([^";]+)"?', ctype)
                 if not ctype.startswith("multipart/related") or not match:
@@ -268,6 +265,11 @@ def _handler(server: StowServer) -> type[BaseHTTPRequestHandler]:
             request = StowRequest(self.path, dict(self.headers), uids, self.connection_number)
             with server.lock:
                 server.requests.append(request)
+            if not server.authorized(self.headers):
+                request.answered = 401
+                self._unauthorized()
+                return
+            with server.lock:
                 canned = server.script.pop(0) if server.script else None
             if canned is not None:
                 if canned.delay:
