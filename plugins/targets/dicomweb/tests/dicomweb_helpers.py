@@ -51,3 +51,52 @@ def target(url: str, **settings: Any) -> DicomWebTarget:
 
 def uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def split_multipart(body: bytes, content_type: str) -> list[bytes]:
+    """The parts' bodies of a (small) multipart message held in memory: for checking only."""
+    from mercure_target_dicomweb.multipart import boundary_of
+
+    boundary = boundary_of(content_type)
+    assert boundary, f"no boundary in {content_type!r}"
+    delimiter = b"--" + boundary.encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _head, _, rest = chunk.partition(b"\r\n\r\n")
+        parts.append(rest[:-2] if rest.endswith(b"\r\n") else rest)
+    return parts
+
+
+def digest_of(data: bytes | Path) -> tuple[str, int]:
+    """SHA-256 and length of the encoded dataset (file meta left out) of a file or bytes."""
+    import io
+
+    from mercure_target_dicomweb.verify import dataset_digest
+
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:
+            return dataset_digest(fh)
+    return dataset_digest(io.BytesIO(data))
+
+
+def transfer_syntax_of(data: bytes) -> str:
+    import io
+
+    return str(
+        pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    )
+
+
+def recording_posts(web: DicomWebTarget) -> list[list[str]]:
+    """Record the file names of every STOW-RS request ``web`` makes from now on."""
+    sent: list[list[str]] = []
+    original = web.post_stow
+
+    def post(body: Any) -> Any:
+        sent.append([p.path.name for p in body.parts])
+        return original(body)
+
+    web.post_stow = post  # type: ignore[method-assign]
+    return sent

@@ -11,10 +11,10 @@
 * A conflict (409, or reason 0x0111 Duplicate SOP Instance) counts as delivered only when
   WADO-RS shows the server's copy is identical (:mod:`.verify`); a different copy is a
   permanent failure.
-* 401, 403 and the other 4xx that cannot succeed end the attempt as permanent: the job goes to
-  ``error/`` at once with the server's reason. 5xx, 408, 429 and network failures end it as
-  retryable; ``Retry-After`` is honoured (waited for within the attempt up to
-  ``retry_after_max_wait``, otherwise no request is made before it has passed).
+* 401, 403, the other 4xx that cannot succeed and certificate problems end the attempt as
+  permanent: the job goes to ``error/`` at once with the server's reason. 5xx, 408, 429 and
+  network failures end it as retryable; ``Retry-After`` is honoured (waited for within the
+  attempt up to ``retry_after_max_wait``, otherwise no request is made before it has passed).
 * A 400 or 413 that names no instance, for a batch of several, is retried one instance per
   request in the same attempt, so one instance the server refuses cannot hold back the rest.
 """
@@ -31,7 +31,12 @@ from mercure.instances import InstanceInfo
 from mercure.logs import get_logger
 from mercure.targets import DeliveryJob, DeliveryResult, MoreFiles
 
-from mercure_target_dicomweb.http import Answer, describe_transport_error, retry_after
+from mercure_target_dicomweb.http import (
+    Answer,
+    describe_transport_error,
+    retry_after,
+    tls_problem,
+)
 from mercure_target_dicomweb.multipart import BodyChanged, Part, StowBody
 from mercure_target_dicomweb.response import (
     DUPLICATE_SOP_INSTANCE,
@@ -189,7 +194,10 @@ class Delivery:
                     self.failed[info.name] = f"not sent: {exc}"
                 return
             except httpx.TransportError as exc:
-                self._stop(describe_transport_error(url, exc, self.config.timeout), batch)
+                # A certificate problem will not pass by itself: like wrong credentials.
+                permanent = tls_problem(exc) is not None
+                text = describe_transport_error(url, exc, self.config.timeout)
+                self._stop(text, batch, permanent=permanent)
                 return
             self.requests += 1
             if answer.status not in (429, 503):

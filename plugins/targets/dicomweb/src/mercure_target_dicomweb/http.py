@@ -127,17 +127,33 @@ def retry_after(headers: httpx.Headers, now: float | None = None) -> float | Non
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def tls_problem(exc: httpx.TransportError) -> str | None:
+    """What to fix when ``exc`` is a certificate problem (it will not pass by itself)."""
+    detail = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return (
+            "the server's certificate is not trusted: set ca_bundle to the CA that signed it "
+            "and check that the URL's host name is in the certificate"
+        )
+    if "CERTIFICATE_REQUIRED" in detail:
+        return "the server requires a client certificate: set client_cert (and client_key)"
+    if any(a in detail for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_ACCESS")):
+        return (
+            "the server refuses the client certificate: use one signed by a CA the server "
+            "trusts (client_cert, client_key)"
+        )
+    return None
+
+
 def describe_transport_error(url: str, exc: httpx.TransportError, timeout: float) -> str:
     """A network failure in words an operator can act on."""
     detail = str(exc).strip() or exc.__class__.__name__
+    tls = tls_problem(exc)
+    if tls is not None:
+        return f"TLS with {url} failed ({detail}): {tls}"
     if isinstance(exc, httpx.ConnectTimeout):
         return f"connecting to {url} timed out: check the address and that no firewall blocks it"
     if isinstance(exc, httpx.ConnectError):
-        if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate" in detail.lower():
-            return (
-                f"TLS with {url} failed: {detail}; check ca_bundle (the CA that signed the "
-                "server's certificate) and that the URL's host name is in the certificate"
-            )
         return f"cannot connect to {url}: {detail}; check that the server runs and the url"
     if isinstance(exc, httpx.ReadTimeout):
         return (
