@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -419,3 +420,23 @@ def test_a_failure_mid_stream_stops_taking_more(tmp_path: Path, stow_server: Any
     assert set(result.failed) == set(names(files[:4]))
     assert "HTTP 502" in (result.error or "")
     assert len(calls) == 1  # nothing more was taken that could not be sent
+
+
+def test_a_slowly_arriving_series_does_not_wait_for_a_full_batch(
+    tmp_path: Path, stow_server: Any
+) -> None:
+    files = make_series(tmp_path / "s", 12)
+    handed = iter(files[1:])
+
+    def more(timeout: float) -> list[Path] | None:
+        time.sleep(0.3)  # one instance every 0.3 s: never a pause long enough to flush
+        nxt = next(handed, None)
+        return [nxt] if nxt is not None else None
+
+    web = target(stow_server.url, batch_max_instances=50)
+    result = web.send(job_for(files[:1], more=more))
+    web.close()
+    assert sorted(result.delivered) == names(files)
+    # The first instances went out before the series ended (each waited at most about 2 s).
+    assert len(stow_server.requests) >= 2
+    assert stow_server.sent_uids() == [uid(f) for f in files]

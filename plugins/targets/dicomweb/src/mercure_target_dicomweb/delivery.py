@@ -3,8 +3,9 @@
 * Pending instances are sent in batches bounded by ``batch_max_instances`` and
   ``batch_max_bytes``, each one multipart/related request streamed from the files.
 * While a series still arrives (``DeliveryJob.more``), a batch goes out as soon as it is full,
-  or when no new instance came for half a second; after five quiet seconds the attempt ends
-  and the dispatcher hands the job back when more instances arrive.
+  when no new instance came for half a second, or when its first instance waited two
+  seconds; after five quiet seconds the attempt ends and the dispatcher hands the job back
+  when more instances arrive.
 * Every answer is read per SOP Instance UID: an instance is delivered only when the server
   lists it in ReferencedSOPSequence; one in FailedSOPSequence, or missing from both, stays
   pending with the reason, so the next attempt sends only it. Warnings are logged.
@@ -55,6 +56,8 @@ log = get_logger("mercure.target.dicomweb")
 STREAM_IDLE_RELEASE = 5.0
 #: Seconds without a new instance before a partial batch of an arriving series is sent.
 STREAM_FLUSH = 0.5
+#: Longest an instance of a slowly arriving series waits for its batch to fill.
+STREAM_MAX_WAIT = 2.0
 #: Most waits for Retry-After within one request.
 MAX_INLINE_WAITS = 3
 
@@ -124,6 +127,7 @@ class Delivery:
 
     def _stream(self, more: MoreFiles) -> None:
         last_new = time.monotonic()
+        waiting_since = time.monotonic()  # when the oldest queued instance was queued
         while not self.stopped:
             idle_left = STREAM_IDLE_RELEASE - (time.monotonic() - last_new)
             if idle_left <= 0:
@@ -139,8 +143,12 @@ class Delivery:
                 self._flush(force=True)  # a pause in arrival: send what waits
                 continue
             last_new = time.monotonic()
+            if not self.queue:
+                waiting_since = last_new
             self._enqueue(new)
-            self._flush(force=False)
+            self._flush(force=last_new - waiting_since >= STREAM_MAX_WAIT)
+            if not self.queue:
+                waiting_since = time.monotonic()
 
     def _enqueue(self, files: Iterable[Path]) -> None:
         for path in files:
