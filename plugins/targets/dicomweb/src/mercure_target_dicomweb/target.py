@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import httpx
+from mercure.lifecycle import PluginContext
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetError
 
 from mercure_target_dicomweb.config import DicomWebTargetConfig
@@ -29,7 +28,7 @@ class DicomWebTarget(Target[DicomWebTargetConfig]):
     streaming = True
 
     def __init__(
-        self, name: str, config: DicomWebTargetConfig, context: Mapping[str, Any] | None = None
+        self, name: str, config: DicomWebTargetConfig, context: PluginContext | None = None
     ) -> None:
         super().__init__(name, config, context)
         self._client: httpx.Client | None = None

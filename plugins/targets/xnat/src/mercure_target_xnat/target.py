@@ -20,10 +20,11 @@ import datetime
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import IO, Any
 
 from mercure.instances import InstanceIndex
+from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
 from mercure.targets import (
     DeliveryJob,
@@ -63,7 +64,7 @@ class XnatTarget(Target[XnatTargetConfig]):
     streaming = False
 
     def __init__(
-        self, name: str, config: XnatTargetConfig, context: Mapping[str, Any] | None = None
+        self, name: str, config: XnatTargetConfig, context: PluginContext | None = None
     ) -> None:
         super().__init__(name, config, context)
         self.session = XnatSession(name, config)
