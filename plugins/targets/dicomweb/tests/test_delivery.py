@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import structlog
 from dicomweb_helpers import job_for, scripted_more, target, uid
 from dicomweb_stow_server import Canned
 from mercure.targets import TargetError
-from mercure.testing import make_series
+from mercure.testing import make_series, wait_for
 
 
 def web_config(url: str, **settings: Any) -> dict[str, Any]:
@@ -440,3 +441,38 @@ def test_a_slowly_arriving_series_does_not_wait_for_a_full_batch(
     # The first instances went out before the series ended (each waited at most about 2 s).
     assert len(stow_server.requests) >= 2
     assert stow_server.sent_uids() == [uid(f) for f in files]
+
+
+def test_jobs_sent_from_several_threads_at_once(tmp_path: Path, stow_server: Any) -> None:
+    jobs = [make_series(tmp_path / f"s{i}", 15) for i in range(4)]
+    web = target(stow_server.url, batch_max_instances=4)
+    results: dict[int, Any] = {}
+
+    def run(i: int) -> None:
+        results[i] = web.send(job_for(jobs[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    web.close()
+    for i, files in enumerate(jobs):
+        assert sorted(results[i].delivered) == names(files) and results[i].failed == {}
+    assert stow_server.stored_uids() == {uid(f) for files in jobs for f in files}
+    assert stow_server.connections <= 4  # one pooled connection per sending thread at most
+
+
+def test_closing_the_target_ends_a_retry_after_wait(tmp_path: Path, stow_server: Any) -> None:
+    files = make_series(tmp_path / "s", 2)
+    stow_server.script.append(Canned(429, b"", {"Retry-After": "25"}))
+    web = target(stow_server.url, retry_after_max_wait=30)
+    outcome: list[Any] = []
+    sender = threading.Thread(target=lambda: outcome.append(web.send(job_for(files))))
+    sender.start()
+    wait_for(lambda: stow_server.requests, timeout=10, what="the first request")
+    web.close()  # the router stops
+    sender.join(20)
+    assert not sender.is_alive()
+    (result,) = outcome
+    assert result.delivered == [] and "the router is stopping" in (result.error or "")

@@ -257,8 +257,9 @@ class Delivery:
         status = answer.status
         label = f"HTTP {status} {answer.reason}".strip()
         said = answer.text()
+        quoted = f" ({said})" if said else ""
         if status in (401, 403):
-            self._stop(f"{label}: {PERMANENT_HINTS[status]} ({said})", batch, permanent=True)
+            self._stop(f"{label}: {PERMANENT_HINTS[status]}{quoted}", batch, permanent=True)
             return
         parsed = parse_answer(answer.body, answer.content_type)
         if parsed.readable:
@@ -307,7 +308,7 @@ class Delivery:
             self._stop(f"{label}: {hint}", batch, permanent=True)
             return
         hint = PERMANENT_HINTS.get(status, "the server refuses the request as it is configured")
-        self._stop(f"{label}: {hint} ({said})", batch, permanent=True)
+        self._stop(f"{label}: {hint}{quoted}", batch, permanent=True)
 
     def _per_instance(self, batch: list[InstanceInfo], parsed: StowAnswer, status: int) -> None:
         to_verify: list[tuple[InstanceInfo, str]] = []

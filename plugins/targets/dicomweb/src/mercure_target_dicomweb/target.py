@@ -93,7 +93,8 @@ class DicomWebTarget(Target[DicomWebTargetConfig]):
         hint = PERMANENT_HINTS.get(answer.status, "check url and qido_url_prefix")
         if answer.status == 404:
             hint = "no QIDO-RS service at this address: check url and qido_url_prefix"
-        raise TargetError(f"QIDO-RS {url} answered {label}: {hint} ({answer.text()})")
+        said = f" ({answer.text()})" if answer.text() else ""
+        raise TargetError(f"QIDO-RS {url} answered {label}: {hint}{said}")
 
     def close(self) -> None:
         self._closing.set()
