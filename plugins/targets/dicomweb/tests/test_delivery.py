@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -476,3 +478,31 @@ def test_closing_the_target_ends_a_retry_after_wait(tmp_path: Path, stow_server:
     assert not sender.is_alive()
     (result,) = outcome
     assert result.delivered == [] and "the router is stopping" in (result.error or "")
+
+
+def test_mercure_targets_test_runs_a_qido_query(tmp_path: Path, stow_server: Any) -> None:
+    stow_server.basic = ("router", "pw")
+    folders = {
+        f"{name}_folder": str(tmp_path / name)
+        for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
+    }
+
+    def run(password: str) -> subprocess.CompletedProcess[str]:
+        entry = {"http_user": "router", "http_password": password}
+        path = tmp_path / "mercure.json"
+        path.write_text(json.dumps({**folders, "targets": web_config(stow_server.url, **entry)}))
+        cli = "from mercure.cli import main; main()"
+        return subprocess.run(
+            [sys.executable, "-c", cli, "targets", "test", "web", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ok = run("pw")
+    assert ok.returncode == 0, ok.stderr
+    assert f"web: OK: QIDO-RS {stow_server.url}/studies answered HTTP 200 OK" in ok.stdout
+    bad = run("nope")
+    assert bad.returncode != 0
+    said = bad.stdout + bad.stderr
+    assert "web: FAILED: QIDO-RS" in said and "HTTP 401" in said

@@ -310,3 +310,22 @@ def test_connection_test_calls_data_auth(xnat_server: Any) -> None:
     xnat_server.stop()
     with pytest.raises(TargetError, match="cannot connect to XNAT"):
         target(xnat_server).test_connection()
+
+
+def test_mercure_targets_test_calls_data_auth(tmp_path: Path, xnat_server: Any) -> None:
+    folders = {
+        f"{name}_folder": str(tmp_path / name)
+        for name in ("incoming", "studies", "outgoing", "success", "error", "discard", "processing")
+    }
+    path = tmp_path / "mercure.json"
+    path.write_text(json.dumps({**folders, "targets": xnat_config(xnat_server)}))
+    cli = "from mercure.cli import main; main()"
+    run = subprocess.run(
+        [sys.executable, "-c", cli, "targets", "test", "xnat", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"xnat: OK: XNAT at {xnat_server.url} accepted user 'router'" in run.stdout
+    assert xnat_server.state.auth_checks == 1
