@@ -506,3 +506,27 @@ def test_mercure_targets_test_runs_a_qido_query(tmp_path: Path, stow_server: Any
     assert bad.returncode != 0
     said = bad.stdout + bad.stderr
     assert "web: FAILED: QIDO-RS" in said and "HTTP 401" in said
+
+
+def test_the_prefixes_are_honoured(tmp_path: Path) -> None:
+    from dicomweb_stow_server import StowServer
+
+    server = StowServer(root="/pacs/rs").start()
+    try:
+        base = server.url.removesuffix("/rs")  # http://127.0.0.1:PORT/pacs
+        prefixes = {"qido_url_prefix": "rs", "wado_url_prefix": "rs", "stow_url_prefix": "/rs/"}
+        files = make_series(tmp_path / "s", 3)
+        web = target(base, **prefixes)
+        assert web.test_connection().startswith(f"QIDO-RS {base}/rs/studies answered HTTP 200")
+        assert sorted(web.send(job_for(files)).delivered) == names(files)
+        server.on_duplicate = "conflict"  # confirmed through WADO-RS under its prefix
+        assert sorted(web.send(job_for(files)).delivered) == names(files)
+        web.close()
+        assert {r.path for r in server.requests} == {"/pacs/rs/studies"}
+        # Without the prefix nothing is found there: a permanent failure naming the setting.
+        web = target(base)
+        result = web.send(job_for(files))
+        web.close()
+        assert result.permanent and "check url and stow_url_prefix" in (result.error or "")
+    finally:
+        server.stop()
