@@ -78,7 +78,14 @@ def test_config_check_valid(cli: typer.Typer, tmp_path: Path) -> None:
     assert "warning: rules.study_rule.action_trigger" in result.output
 
 
-def test_config_check_invalid_prints_every_error(cli: typer.Typer, tmp_path: Path) -> None:
+def test_config_check_invalid_prints_every_error(
+    cli: typer.Typer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built-ins only: the xnat target plugin may be installed in this environment.
+    from mercure.cli import context
+
+    monkeypatch.setenv("MERCURE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setattr(context, "_MANAGERS", {})  # the CLI keeps its plugin manager
     path = tmp_path / "bad.json"
     path.write_text(
         json.dumps(
