@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 Backend = Literal["sqlite", "postgresql"]
 BUSY_TIMEOUT_MS = 10_000
@@ -100,12 +100,21 @@ class Database:
             if self.read_only:
                 if not path.exists():
                     raise LedgerUnavailable(f"no ledger database at {path} yet")
+                # A database no writer has open (no -wal file) is read as it is, so that a
+                # reader creates no -wal/-shm files beside it: queries change nothing on disk.
+                quiet = not Path(f"{path}-wal").exists()
                 conn = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+                    f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if quiet else ""),
+                    uri=True,
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                    check_same_thread=False,
                 )
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+                # Used by one thread at a time; the service closes it from the stopping thread.
+                conn = sqlite3.connect(
+                    path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+                )
                 conn.execute("PRAGMA journal_mode=WAL")
                 # WAL + NORMAL survives a crashed process; the queue cursor lives in the same
                 # transactions, so a power loss that drops the last ones only replays them.
