@@ -66,7 +66,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
             p.stat().st_size,
             p.stat().st_mtime_ns,
             hashlib.sha256(p.read_bytes()).hexdigest(),
-        )  # fmt: skip
+        )
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.endswith("-shm")
     }
