@@ -205,6 +205,7 @@ class MonitorFeed:
         self.monitor = monitor
         self.fsync = fsync
         self.stop_event = threading.Event()
+        self.draining = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"monitor-{name}", daemon=True)
         self.log = get_logger("mercure.ledger").bind(monitor=name)
         self.sent = 0
@@ -214,7 +215,11 @@ class MonitorFeed:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, drain: float = 5.0, timeout: float = 30.0) -> None:
+        """Forward what is queued (up to ``drain`` seconds, e.g. the SHUTDOWN events), stop."""
+        self.draining.set()
+        if self.thread.is_alive():
+            self.thread.join(drain)
         self.stop_event.set()
         if self.thread.is_alive():
             self.thread.join(timeout)
@@ -246,6 +251,8 @@ class MonitorFeed:
             if not records:
                 if after != position:
                     self.queue.save_cursor(self.reader, after)
+                if self.draining.is_set():
+                    return
                 self.stop_event.wait(0.2)
                 continue
             for item in records:
