@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mercure.events import TaskEvent, TaskEventType
@@ -126,7 +126,21 @@ class LedgerRecord:
         raise ValueError(f"unknown ledger record kind {kind!r}")
 
 
+TAGGED = frozenset({"route", "process", "discard", "notification"})
+"""Event types whose record keeps the series' tags: the ones that create a job (the ledger
+stores the tags once per job), and processing events (their results name the patient)."""
+
+
 def task_record(event: TaskEvent) -> LedgerRecord:
+    """The record of a task event; tags are kept only where the ledger reads them."""
+    kind = str(event.type)
+    if event.tags and kind not in TAGGED and not kind.startswith("process"):
+        event = replace(event, tags={})
+    extra_task = event.extra.get("task")
+    if isinstance(extra_task, dict) and "tags" in extra_task:
+        # The task file's tags are the event's own: kept once.
+        event = replace(event, extra={**event.extra, "task": {k: v for k, v in extra_task.items()
+                                                                if k != "tags"}})  # fmt: skip
     return LedgerRecord(uuid.uuid4().hex, "task", HOST, os.getpid(), task=event)
 
 

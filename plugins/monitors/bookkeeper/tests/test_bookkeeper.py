@@ -185,7 +185,7 @@ def test_failures_are_retryable_or_permanent(bookkeeper: BookkeeperServer) -> No
     record = task_record(TaskEvent(TaskEventType.COMPLETED, "task-2", "1.2.3", "archive", 2))
     wrong = monitor(bookkeeper.address, api_key="wrong")
     try:
-        with pytest.raises(MonitorError, match="HTTP 401.*bookkeeper_api_key"):
+        with pytest.raises(MonitorError, match=r"HTTP 401.*bookkeeper_api_key"):
             wrong.send(record)
     finally:
         wrong.close()
