@@ -56,7 +56,9 @@ def ledger_completions(path: Path) -> int:
     except sqlite3.Error:
         return 0
     try:
-        return int(conn.execute("SELECT COUNT(*) FROM events WHERE type = 'complete'").fetchone()[0])
+        return int(
+            conn.execute("SELECT COUNT(*) FROM events WHERE type = 'complete'").fetchone()[0]
+        )
     except sqlite3.Error:
         return 0
     finally:
@@ -125,7 +127,9 @@ def main() -> None:
                     files = make_ct_series(
                         base / f"data{i}{int(ledger)}", args.count, size=256, series=args.series
                     )
-                    series = [files[j * args.count : (j + 1) * args.count] for j in range(args.series)]
+                    series = [
+                        files[j * args.count : (j + 1) * args.count] for j in range(args.series)
+                    ]
                     elapsed, done = one_run(
                         base, f"run{i}-{'with' if ledger else 'without'}", scp, series, ledger
                     )

@@ -91,6 +91,10 @@ LEGACY_FIELDS: tuple[tuple[str, Kind, str, str, bool], ...] = (
 )
 
 
+PLACEHOLDERS = {"BOOKKEEPER_TOKEN_PLACEHOLDER"}
+"""Values of mercure's default file that its installer replaces: they switch nothing on."""
+
+
 def _legacy_instances(
     data: Mapping[str, Any],
 ) -> tuple[dict[Kind, dict[str, dict[str, Any]]], dict[tuple[Kind, str, str], str]]:
@@ -99,7 +103,7 @@ def _legacy_instances(
     origin: dict[tuple[Kind, str, str], str] = {}
     enabled: set[tuple[Kind, str]] = set()
     for field, kind, name, _key, switch in LEGACY_FIELDS:
-        if switch and data.get(field):
+        if switch and data.get(field) and data.get(field) not in PLACEHOLDERS:
             enabled.add((kind, name))
     rules = data.get("rules") if isinstance(data.get("rules"), dict) else {}
     for rule_name, rule in (rules or {}).items():
