@@ -80,7 +80,7 @@ def one_run(
         **route_all_to(scp),
     )
     success = spool / "success"
-    batches = [sum(series[i::SENDERS], []) for i in range(SENDERS)]
+    batches = [[f for s in series[i::SENDERS] for f in s] for i in range(SENDERS)]
     scp.clear()
     with router(config, spool):
         settle_disk()
