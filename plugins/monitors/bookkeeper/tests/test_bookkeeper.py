@@ -152,10 +152,9 @@ def monitor(address: str, **settings: Any) -> BookkeeperMonitor:
 
 
 def test_processing_runs_post_logs_and_results(bookkeeper: BookkeeperServer) -> None:
-    # The processor's event type, as text (a ledger record keeps types it does not know).
-    data = task_record(
+    record = task_record(
         TaskEvent(
-            TaskEventType.COMPLETED,
+            TaskEventType.MODULE_FINISHED,
             "task-1",
             "1.2.3",
             "anonymizer",
@@ -163,8 +162,8 @@ def test_processing_runs_post_logs_and_results(bookkeeper: BookkeeperServer) -> 
             tags={"AccessionNumber": "A1", "PatientID": "M1"},
             extra={"step": 0, "exit_code": 0, "log": "all fine\n", "result": {"score": 0.9}},
         )
-    ).to_json()
-    data["event"]["type"] = "process_module_complete"
+    )
+    data = record.to_json()
     m = monitor(bookkeeper.address)
     try:
         m.send(LedgerRecord.from_json(data))
