@@ -258,6 +258,16 @@ class Config(BaseModel):
     metrics_interval: float = Field(default=10.0, gt=0)
     processor_workers: int = Field(default=1, ge=1)
     """Processing jobs one processor process runs at the same time."""
+    ledger_folder: str = ""
+    """The ledger's durable queue (and its SQLite database by default); empty: ``ledger``
+    beside ``outgoing_folder``."""
+    ledger_database: OptionalSecret = ""
+    """Where the ledger is written: empty for SQLite in ``ledger_folder``, a file path or
+    ``sqlite:///path``, a ``postgresql://`` URL (shared by several router hosts), or ``off``."""
+    ledger_retention: int = Field(default=31536000, ge=0)
+    """Seconds the ledger keeps history (separate from ``retention`` of the images); 0: always."""
+    ledger_digests: bool = True
+    """Record the SHA-256 of every delivered instance (read once per file after sending)."""
     plugins: dict[str, dict[str, dict[str, Any]]] = {}
     """Settings of runner, notifier, metrics-sink and receiver instances that mercure has no
     field for, keyed by kind and instance name (:mod:`mercure.plugin_settings`)."""

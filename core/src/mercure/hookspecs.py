@@ -132,6 +132,26 @@ def register_metrics_sinks(register: RegisterFn) -> None:
 
 
 @hookspec
+def register_monitors(register: RegisterFn) -> None:
+    """Add monitor types: forwarders of the ledger's records to an outside system (mercure's
+    bookkeeper, an audit log, a message bus).
+
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``Implementation`` subclasses ``mercure.monitors.Monitor``.
+    - **Returns** nothing.
+    - **Then**: each instance configured under ``plugins.monitors`` (the ``bookkeeper`` type
+      also by mercure's ``bookkeeper_api_key`` and ``bookkeeper`` fields) is created once by
+      the ``ledger`` service, which calls ``start()``, then ``send(record)`` with every
+      record of the durable ledger queue, one at a time and in order, on the instance's own
+      thread, and ``close()`` at shutdown. Each instance keeps its own position in the queue,
+      so a monitor that is down receives its records later and none is lost.
+    - **Exceptions**: from ``send``, ``PermanentMonitorError`` skips that record (logged);
+      any other exception sends the same record again after a backoff. Neither reaches a job.
+    """
+
+
+@hookspec
 def register_commands(cli: typer.Typer) -> None:
     """Add commands or sub-apps to the ``mercure`` command line.
 

@@ -9,7 +9,8 @@ later gets only those settings, never the whole configuration. Two sources, merg
   metrics sink, ``influxdb_*`` an ``influxdb`` sink, ``process_runner`` the runner,
   ``email_notification_from`` the ``email`` notifier (used by rules with
   ``notification_email``), ``webhook_certificate_location`` the ``webhook`` notifier (used by
-  rules with ``notification_webhook``);
+  rules with ``notification_webhook``), ``bookkeeper_api_key`` (which switches it on, as in
+  mercure) and ``bookkeeper`` the ``bookkeeper`` monitor (``api_key``, ``address``);
   A type that no installed plugin provides is a warning there (the configuration loads with the
   core alone, and the warning names the distribution to install);
 * the ``plugins`` section, for what mercure has no field for (a type named there that no
@@ -44,6 +45,7 @@ SECTION_KINDS: dict[str, Kind] = {
     "notifiers": "notifier",
     "metrics_sinks": "metrics_sink",
     "receivers": "receiver",
+    "monitors": "monitor",
 }
 KIND_SECTIONS: dict[Kind, str] = {kind: key for key, kind in SECTION_KINDS.items()}
 
@@ -83,7 +85,14 @@ LEGACY_FIELDS: tuple[tuple[str, Kind, str, str, bool], ...] = (
     ("influxdb_bucket", "metrics_sink", "influxdb", "bucket", False),
     ("webhook_certificate_location", "notifier", "webhook", "ca_bundle", False),
     ("email_notification_from", "notifier", "email", "from_address", False),
+    # mercure posts to its bookkeeper only when an API key is set.
+    ("bookkeeper_api_key", "monitor", "bookkeeper", "api_key", True),
+    ("bookkeeper", "monitor", "bookkeeper", "address", False),
 )
+
+
+PLACEHOLDERS = {"BOOKKEEPER_TOKEN_PLACEHOLDER"}
+"""Values of mercure's default file that its installer replaces: they switch nothing on."""
 
 
 def _legacy_instances(
@@ -94,7 +103,7 @@ def _legacy_instances(
     origin: dict[tuple[Kind, str, str], str] = {}
     enabled: set[tuple[Kind, str]] = set()
     for field, kind, name, _key, switch in LEGACY_FIELDS:
-        if switch and data.get(field):
+        if switch and data.get(field) and data.get(field) not in PLACEHOLDERS:
             enabled.add((kind, name))
     rules = data.get("rules") if isinstance(data.get("rules"), dict) else {}
     for rule_name, rule in (rules or {}).items():
@@ -166,7 +175,11 @@ def resolve_plugin_instances(
                 if from_legacy:
                     # mercure's own fields keep loading with the core alone; say what is lost.
                     where = _legacy_path(origin, kind, name)
-                    lost = {"metrics_sink": "metrics are", "notifier": "notifications are"}
+                    lost = {
+                        "metrics_sink": "metrics are",
+                        "notifier": "notifications are",
+                        "monitor": "its events are",
+                    }
                     warnings.append(
                         f"{where}: {exc} Until then {lost.get(kind, 'it is')} not sent."
                     )

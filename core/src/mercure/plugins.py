@@ -24,6 +24,7 @@ import pluggy
 
 from mercure import PROJECT_NAME, __version__, hookspecs
 from mercure.metrics import MetricsSink
+from mercure.monitors import Monitor
 from mercure.notifiers import Notifier
 from mercure.receivers import Receiver
 from mercure.registry import Kind, PluginRegistrationError, Registry, make_register
@@ -50,6 +51,7 @@ _REGISTRATION_HOOKS: dict[Kind, tuple[str, type]] = {
     "runner": ("register_runners", Runner),
     "notifier": ("register_notifiers", Notifier),
     "metrics_sink": ("register_metrics_sinks", MetricsSink),
+    "monitor": ("register_monitors", Monitor),
 }
 
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-Kind = Literal["target", "receiver", "runner", "notifier", "metrics_sink"]
-KINDS: tuple[Kind, ...] = ("target", "receiver", "runner", "notifier", "metrics_sink")
+Kind = Literal["target", "receiver", "runner", "notifier", "metrics_sink", "monitor"]
+KINDS: tuple[Kind, ...] = ("target", "receiver", "runner", "notifier", "metrics_sink", "monitor")
 
 RegisterFn = Callable[[str, "type[BaseModel] | None", type], None]
 """The ``register(type_name, ConfigModel, Implementation)`` callback handed to plugins."""
@@ -39,6 +39,7 @@ KNOWN_DISTRIBUTIONS: dict[Kind, dict[str, str]] = {
         "prometheus": "mercure-metrics-prometheus",
     },
     "receiver": {"dicomweb": "mercure-receiver-dicomweb"},
+    "monitor": {"bookkeeper": "mercure-monitor-bookkeeper"},
 }
 
 

@@ -10,6 +10,9 @@ Fixtures:
 * ``dcmtk_storescp`` - DCMTK's ``storescp`` on a free port, writing into a folder.
 * ``dispatch_env`` - the core's Dispatcher over a spool in ``tmp_path``, jobs made by hand.
 * ``orthanc`` - a real Orthanc (with its DICOMweb plugin when installed) on free ports.
+* ``postgres_server`` (session) - Debian's PostgreSQL on a free loopback port (run as the
+  ``postgres`` user when the tests run as root); ``create_database()`` gives a fresh one;
+  see :mod:`mercure.testing_postgres`.
 * ``ssh_account`` / ``openssh_server`` (session) - a local test user and OpenSSH's sshd on a
   free loopback port that lets it in (password or key); see :mod:`mercure.testing_ssh`.
 * ``ssh_known_hosts`` (a known_hosts file trusting ``openssh_server``), ``ssh_destination``
@@ -57,6 +60,8 @@ from mercure.jobs.store import State
 from mercure.plugins import PluginManager, build_plugin_manager
 from mercure.testing_peers import PeerProcess as PeerProcess
 from mercure.testing_peers import port_accepts as port_accepts
+from mercure.testing_postgres import PostgresServer as PostgresServer
+from mercure.testing_postgres import start_postgres
 from mercure.testing_ssh import OpenSSHServer as OpenSSHServer
 from mercure.testing_ssh import SSHAccount as SSHAccount
 from mercure.testing_ssh import (
@@ -763,6 +768,16 @@ def dispatch_env(tmp_path: Path) -> Iterator[DispatchEnv]:
     env = DispatchEnv(tmp_path)
     yield env
     env.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the session; skips when PostgreSQL or psycopg is missing."""
+    server = start_postgres(free_port())
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,16 @@ app = typer.Typer(
 
 
 def _build() -> typer.Typer:
-    from mercure.cli import config_cmd, jobs_cmd, plugins_cmd, rules_cmd, run_cmd, targets_cmd
+    from mercure.cli import (
+        config_cmd,
+        jobs_cmd,
+        ledger_cmd,
+        plugins_cmd,
+        replay_cmd,
+        rules_cmd,
+        run_cmd,
+        targets_cmd,
+    )
 
     run_cmd.install(app)
     plugins_cmd.install(app)
@@ -26,6 +35,8 @@ def _build() -> typer.Typer:
     app.add_typer(rules_cmd.app, name="rules")
     app.add_typer(targets_cmd.app, name="targets")
     jobs_cmd.install(app)
+    ledger_cmd.install(app)
+    replay_cmd.install(rules_cmd.app)
 
     @app.command()
     def version() -> None:

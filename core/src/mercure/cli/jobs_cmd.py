@@ -10,17 +10,29 @@ from typing import Any
 import typer
 
 from mercure.cli.context import ConfigOption, die, load
+from mercure.config import Config
 from mercure.events import TaskEvent, TaskEventType
 from mercure.jobs.claims import claim_owner, is_claimed
 from mercure.jobs.incoming import instance_files
 from mercure.jobs.store import STATES, JobRef, JobStore
 from mercure.jobs.task import Task
+from mercure.ledger.query import JobHistory
 from mercure.processing.folders import processes_of, reset_for_retry
 from mercure.processing.job import FAIL_STAGE
 from mercure.processing.record import ProcessingRecord, new_record, read_record, write_record
 from mercure.services.runtime import build_runtime
 
 job_app = typer.Typer(help="Show or retry one job.", no_args_is_help=True)
+
+
+def _operator() -> str:
+    """Who ran the command, for the ledger's record of operator actions."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
 
 
 def install(app: typer.Typer) -> None:
@@ -116,17 +128,27 @@ def queue(
 @job_app.command("show")
 def show(
     task_id: str = typer.Argument(..., help="Job id (a unique prefix is enough)."),
+    instances: bool = typer.Option(
+        False, "--instances", help="List every delivered instance with its UID and digest."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the ledger's history as JSON."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Show one job: its state, task file, who holds it, and its notifications."""
+    """Show one job: its state, task file, who holds it, its notifications and its whole
+    history from the ledger (also for a job the cleaner has removed)."""
     from mercure.outbox import Outbox
     from mercure.services.runtime import outbox_folder
 
     cfg = load(config).config
     store = JobStore.from_config(cfg, fsync=False)
     ref = store.find(task_id)
+    if as_json:
+        show_history_json(cfg, ref.id if ref else task_id)
+        return
     if ref is None:
-        raise die(f"no job '{task_id}' in any state folder")
+        if not show_history(cfg, task_id, instances=instances, missing_ok=False):
+            raise die(f"no job '{task_id}' in any state folder or in the ledger")
+        return
     typer.echo(f"job {ref.id}: {ref.state} ({ref.path})")
     typer.echo(f"instances: {len(instance_files(ref.path))}")
     owner = claim_owner(ref.path)
@@ -154,6 +176,50 @@ def show(
             f" after {record.get('tries', 0)} tr{'y' if record.get('tries') == 1 else 'ies'}"
             + (f" ({detail})" if detail else "")
         )
+    show_history(cfg, ref.id, instances=instances, missing_ok=True)
+
+
+def _history(cfg: Config, task_id: str) -> tuple[JobHistory | None, str]:
+    """The ledger's history of a job (an id prefix is resolved), or None and why not."""
+    from mercure.ledger import LedgerConfigError, LedgerSettings, LedgerUnavailable, open_queries
+
+    if not LedgerSettings.of(cfg).enabled:
+        return None, "the ledger is off"
+    try:
+        q = open_queries(cfg)
+        ids = q.resolve(task_id)
+        if len(ids) > 1:
+            return None, f"'{task_id}' matches several jobs: {', '.join(ids)}"
+        return (q.job(ids[0]) if ids else None), "the ledger has nothing about it yet"
+    except (LedgerUnavailable, LedgerConfigError) as exc:
+        return None, f"the ledger cannot be read: {exc}"
+
+
+def show_history(cfg: Config, task_id: str, *, instances: bool, missing_ok: bool) -> bool:
+    """Print the job's history from the ledger; False if there is none."""
+    from mercure.cli.history import history_lines
+
+    history, why = _history(cfg, task_id)
+    if history is None:
+        if missing_ok:
+            typer.echo(f"history: {why}")
+        else:
+            typer.secho(why, err=True)
+        return False
+    job = history.job
+    if not missing_ok:
+        typer.echo(f"job {job['task_id']}: {job.get('state') or '?'} (only in the ledger now)")
+    typer.echo("history (ledger):")
+    for line in history_lines(history, instances=instances):
+        typer.echo(line)
+    return True
+
+
+def show_history_json(cfg: Config, task_id: str) -> None:
+    history, why = _history(cfg, task_id)
+    if history is None:
+        raise die(f"no history for job '{task_id}': {why}")
+    typer.echo(json.dumps(history.to_json(), default=str, indent=2))
 
 
 @job_app.command("retry")
@@ -207,9 +273,17 @@ def retry(
         d.next_retry_at = 0
         store.write(ref, task)
         store.move(ref, "outgoing", claim)
-    build_runtime(loaded.config, loaded.plugins).emit(
-        TaskEvent(TaskEventType.MANUAL_RETRY, ref.id, task.info.uid, ",".join(task.target_names))
+    runtime = build_runtime(loaded.config, loaded.plugins)
+    runtime.emit(
+        TaskEvent(
+            TaskEventType.MANUAL_RETRY,
+            ref.id,
+            task.info.uid,
+            ",".join(task.target_names),
+            extra={"operator": _operator()},
+        )
     )
+    runtime.close()
     typer.echo(f"job {ref.id} moved back to outgoing/; the dispatcher sends it on its next pass")
 
 

@@ -21,8 +21,8 @@ def install(app: typer.Typer) -> None:
             ",".join(SERVICES),
             "--only",
             help="Comma-separated services to start in this process "
-            "(receiver, router, processor, dispatcher, cleaner, notifier), to run them as "
-            "separate processes.",
+            "(receiver, router, processor, dispatcher, cleaner, notifier, ledger), to run them "
+            "as separate processes.",
         ),
         port: int | None = typer.Option(None, help="Override the DICOM port of the configuration."),
     ) -> None:

@@ -25,6 +25,7 @@ from mercure.jobs.claims import Claim
 from mercure.jobs.incoming import instance_files, instance_names
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
+from mercure.ledger.digest import digests as instance_digests
 from mercure.processing.results import completion_notice
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
@@ -34,6 +35,14 @@ MAX_ATTEMPTS_KEPT = 20
 OPEN_JOB_RECHECK = 0.05
 MORE_FILES_POLL = 0.02
 PROGRESS_FLUSH_INTERVAL = 1.0
+
+
+def _attempts_since(dispatch: TaskDispatch | None, since: float | None) -> dict[str, Any]:
+    """``{"attempts": [...]}``: the tries at each target made in this pass, for the ledger."""
+    if dispatch is None or since is None:
+        return {}
+    made = [a.model_dump(mode="json") for a in dispatch.attempts if a.at >= since]
+    return {"attempts": made} if made else {}
 
 
 def retry_delay(config: Config, retries: int, rng: random.Random | None = None) -> float:
@@ -140,6 +149,7 @@ class Dispatcher(Service):
     def deliver(self, ref: JobRef) -> None:
         """Claim one job and try to deliver what is still pending."""
         store = self.runtime.store
+        started = time.time()  # attempts made from now on belong to this pass (the ledger's)
         claim = store.claim(ref)
         if claim is None:
             # Another dispatcher has it; look again later in case that one dies.
@@ -180,10 +190,12 @@ class Dispatcher(Service):
                         errors.append(f"{target_name}: {error}")
                 if permanent:
                     reason = "; ".join(errors)
-                    self._to_error(ref, task, claim, f"not retried, cannot succeed: {reason}")
+                    self._to_error(
+                        ref, task, claim, f"not retried, cannot succeed: {reason}", since=started
+                    )
                     return
                 if errors:
-                    self._failed(ref, task, dispatch, claim, errors, len(files))
+                    self._failed(ref, task, dispatch, claim, errors, len(files), since=started)
                     return
                 if not was_open:
                     break
@@ -220,7 +232,10 @@ class Dispatcher(Service):
                     ", ".join(task.target_names),
                     len(files),
                     tags=task.tags,
-                    extra={"duration": time.time() - task.created_at} if task.created_at else {},
+                    extra={
+                        **({"duration": time.time() - task.created_at} if task.created_at else {}),
+                        **_attempts_since(dispatch, started),
+                    },
                 )
             )
             for rule in self._rules(task):
@@ -282,12 +297,15 @@ class Dispatcher(Service):
         claim: Claim,
         errors: list[str],
         file_count: int,
+        since: float | None = None,
     ) -> None:
         """Schedule the next try with backoff, or move the job to error/ after retry_max."""
         reason = "; ".join(errors)
         dispatch.retries = (dispatch.retries or 0) + 1
         if dispatch.retries > self.runtime.config.retry_max:
-            self._to_error(ref, task, claim, f"gave up after {dispatch.retries} tries: {reason}")
+            self._to_error(
+                ref, task, claim, f"gave up after {dispatch.retries} tries: {reason}", since=since
+            )
             return
         delay = retry_delay(self.runtime.config, dispatch.retries)
         dispatch.next_retry_at = time.time() + delay
@@ -310,6 +328,11 @@ class Dispatcher(Service):
                 file_count,
                 info=reason,
                 tags=task.tags,
+                extra={
+                    "retry": dispatch.retries,
+                    "next_retry_at": dispatch.next_retry_at,
+                    **_attempts_since(dispatch, since),
+                },
             )
         )
 
@@ -392,6 +415,11 @@ class Dispatcher(Service):
         )
         del dispatch.attempts[:-MAX_ATTEMPTS_KEPT]
         if confirmed:
+            extra: dict[str, Any] = {}
+            if self.runtime.ledger_digests:
+                # The ledger's per-instance record: UID and digest of each confirmed file.
+                paths = [ref.path / name for name in confirmed]
+                extra["instances"] = [d.to_json() for d in instance_digests(paths)]
             self.runtime.emit(
                 TaskEvent(
                     TaskEventType.DELIVERED,
@@ -400,6 +428,7 @@ class Dispatcher(Service):
                     target_name,
                     len(confirmed),
                     tags=task.tags,
+                    extra=extra,
                 )
             )
         if not still_missing:
@@ -433,7 +462,14 @@ class Dispatcher(Service):
 
         return more
 
-    def _to_error(self, ref: JobRef, task: Task | None, claim: object, reason: str) -> None:
+    def _to_error(
+        self,
+        ref: JobRef,
+        task: Task | None,
+        claim: object,
+        reason: str,
+        since: float | None = None,
+    ) -> None:
         from mercure.jobs.claims import Claim
 
         if task is not None:
@@ -452,6 +488,7 @@ class Dispatcher(Service):
                 ", ".join(task.target_names) if task else "",
                 info=reason,
                 tags=tags,
+                extra=_attempts_since(task.dispatch_state if task else None, since),
             )
         )
         if task is not None:

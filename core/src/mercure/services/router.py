@@ -373,6 +373,7 @@ class Router(Service):
                     file_count=len(files),
                     rule=", ".join(job.rules),
                     tags=task.tags,
+                    extra={"task": job.task},  # the task file as created, for the ledger
                 )
             )
             for rule in [*job.rules, *job.notify]:

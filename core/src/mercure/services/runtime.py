@@ -2,7 +2,7 @@
 
 Plugin instances are created once per process from their validated settings (never the whole
 configuration) and closed on shutdown. Notifications go to the durable outbox, metrics to the
-bounded metrics hub: neither makes a service wait.
+bounded metrics hub, events to the ledger's durable queue: none makes a service wait.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from mercure.config import Config, Rule
 from mercure.events import TaskEvent
 from mercure.jobs.incoming import IncomingSpool
 from mercure.jobs.store import STATES, JobStore
+from mercure.ledger import LedgerSettings
+from mercure.ledger.journal import Journal
+from mercure.ledger.queue import EventQueue
+from mercure.ledger.records import ServiceEvent, service_record, task_record
 from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
 from mercure.metrics import Metric, MetricsSink
@@ -42,6 +46,8 @@ class Runtime:
     outbox: Outbox
     fsync: bool = True
     metrics_hub: MetricsHub = field(default_factory=lambda: MetricsHub([]))
+    journal: Journal | None = None
+    """The ledger queue's writer; None when neither a ledger nor a monitor is configured."""
     _targets: dict[str, Target[Any]] = field(default_factory=dict)
     _notifiers: dict[str, Notifier[Any]] | None = None
     _started_notifiers: set[str] = field(default_factory=set)
@@ -115,13 +121,28 @@ class Runtime:
 
     # -- events, notifications, metrics --------------------------------------------------------
 
+    @property
+    def ledger_digests(self) -> bool:
+        """Whether delivered instances get their SOP Instance UID and digest recorded."""
+        return self.journal is not None and self.config.ledger_digests
+
     def emit(self, event: TaskEvent) -> None:
-        """Derive metrics, then tell every ``on_task_event`` observer; never raises."""
+        """Queue the event for the ledger, derive metrics, then tell every ``on_task_event``
+        observer; never raises."""
+        if self.journal is not None:
+            self.journal.record(task_record(event))
         try:
             self.metrics_hub.record(*metrics_for_event(event))
         except Exception as exc:  # metrics are best effort
             log.warning("metrics from an event failed", error=str(exc))
         self.plugins.notify("on_task_event", event=event)
+
+    def service_event(
+        self, service: str, event: str, description: str = "", severity: int = 0
+    ) -> None:
+        """Queue a service event (mercure's BOOT, SHUTDOWN, ...) for the ledger and monitors."""
+        if self.journal is not None:
+            self.journal.record(service_record(ServiceEvent(service, event, severity, description)))
 
     def metrics(self, *metrics: Metric) -> None:
         """Record metrics for the sinks; never blocks, never raises."""
@@ -215,6 +236,8 @@ class Runtime:
                 log.warning("closing notifier failed", notifier=name, error=str(exc))
         self._started_notifiers.clear()
         self.metrics_hub.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def outbox_folder(config: Config) -> Path:
@@ -229,5 +252,19 @@ def build_runtime(config: Config, plugins: PluginManager, *, fsync: bool = True)
     spool = IncomingSpool(config.folder("incoming"), fsync=fsync)
     outbox = Outbox(outbox_folder(config), fsync=fsync)
     return Runtime(
-        config=config, plugins=plugins, store=store, spool=spool, outbox=outbox, fsync=fsync
+        config=config,
+        plugins=plugins,
+        store=store,
+        spool=spool,
+        outbox=outbox,
+        fsync=fsync,
+        journal=ledger_journal(config, fsync=fsync),
     )
+
+
+def ledger_journal(config: Config, *, fsync: bool = True) -> Journal | None:
+    """The ledger queue's writer, if a ledger database or a monitor will read the queue."""
+    settings = LedgerSettings.of(config)
+    if not settings.enabled and not config.plugin_instances("monitor"):
+        return None
+    return Journal(EventQueue(settings.queue_folder, fsync=fsync))

@@ -15,13 +15,14 @@ from mercure.receivers import Receiver, ReceiverContext
 from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
 from mercure.services.dispatcher import Dispatcher
+from mercure.services.ledger import LedgerService, check_ledger_settings
 from mercure.services.notifier import NotifierService
 from mercure.services.processor import Processor
 from mercure.services.receiver_pool import ReceiverPool
 from mercure.services.router import Router
 from mercure.services.runtime import Runtime
 
-SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "notifier")
+SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "notifier", "ledger")
 log = get_logger("mercure.run")
 RUN_EVENT_INTERVAL = 60.0
 """mercure sends ``events.run`` once a minute from each running service: a heartbeat."""
@@ -38,6 +39,8 @@ class Supervisor:
             )
         self.runtime = runtime
         self.names = list(services)
+        if "ledger" in self.names:
+            check_ledger_settings(runtime)
         self.receivers: list[Receiver] = []
         self.services: list[Service] = []
         self.stopped = threading.Event()
@@ -58,6 +61,8 @@ class Supervisor:
             self.services.append(Cleaner(rt))
         if "notifier" in self.names:
             self.services.append(NotifierService(rt))
+        if "ledger" in self.names:
+            self.services.append(LedgerService(rt))
         router = next((s for s in self.services if isinstance(s, Router)), None)
         processor = next((s for s in self.services if isinstance(s, Processor)), None)
         dispatcher = next((s for s in self.services if isinstance(s, Dispatcher)), None)
@@ -87,6 +92,8 @@ class Supervisor:
                 receiver: Receiver[Any] = impl(inst.name, inst.settings, context)
                 receiver.start()
                 self.receivers.append(receiver)
+        for name in self.names:
+            rt.service_event(name, "BOOT", f"{name} started")
         log.info("services started", services=self.names)
 
     def stop(self) -> None:
@@ -96,8 +103,13 @@ class Supervisor:
             self.pool.stop()
         for receiver in self.receivers:
             receiver.stop()
+        for name in self.names:
+            if name != "ledger":
+                self.runtime.service_event(name, "SHUTDOWN", f"{name} stopped")
         for service in self.services:
             service.stop()
+        if "ledger" in self.names:
+            self.runtime.service_event("ledger", "SHUTDOWN", "ledger stopped")
         self.runtime.metrics(*(Metric("events.shutdown", 1, service=n) for n in self.names))
         self.runtime.close()
         self.stopped.set()
