@@ -26,6 +26,10 @@ from mercure.processing.results import ResultError, read_result
 from mercure.processing.selection import parse_environment
 from mercure.runners import ProcessingRun, Runner, RunnerError, RunOutcome
 
+LOG_IN_EVENT = 64 * 1024
+"""The end of a module's log carried by its ``process_module_complete`` event (the ledger and
+the bookkeeper monitor keep it)."""
+
 WAIT_SLICE = 1.0
 """Seconds of one ``Runner.wait`` call: how soon a stopping processor lets go of a run."""
 CANCEL_REPEAT = 5.0
@@ -253,12 +257,17 @@ class JobRun(Finishing):
             problem = f"exited with code {outcome.exit_code}{_signal_text(outcome.exit_code)}"
         else:
             problem = self._check_output(index)
+        result: Any = None
+        with contextlib.suppress(Exception):  # a malformed result.json is the problem above
+            _present, result = read_result(folders.step_folders(self.ref.path, index).output)
         self._emit(
             TaskEventType.MODULE_FINISHED,
             step.module,
             step=index,
             exit_code=outcome.exit_code,
             duration=step.duration,
+            log=outcome.log[-LOG_IN_EVENT:],
+            result=result,
         )
         if problem is None:
             step.state = "done"
