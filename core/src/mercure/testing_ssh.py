@@ -23,8 +23,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -414,6 +416,38 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+SettingsFactory = Callable[..., dict[str, Any]]
+
+
+def ssh_target_settings(
+    target_type: str, server: OpenSSHServer, folder: Path, known_hosts: Path
+) -> SettingsFactory:
+    """``make(**overrides)``: the settings of an SSH target for ``server``'s account.
+
+    Key login into ``folder``, the host key checked against ``known_hosts``. An override of
+    ``None`` removes that setting (``key_file=None, password=...`` for a password login);
+    ``server=`` gives the settings for another sshd of the same account. A plugin's
+    ``conftest.py`` returns this from its ``settings`` fixture.
+    """
+    default = server
+
+    def make(*, server: OpenSSHServer | None = None, **overrides: Any) -> dict[str, Any]:
+        peer = server or default
+        values: dict[str, Any] = {
+            "target_type": target_type,
+            "host": "127.0.0.1",
+            "port": peer.port,
+            "user": peer.account.user,
+            "folder": str(folder),
+            "key_file": str(peer.account.key),
+            "known_hosts": str(known_hosts),
+            **overrides,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    return make
+
+
 def check_delivered(remote: Path, task_id: str, files: list[Path], *, folder: str = "") -> Path:
     """Assert mercure's layout: ``remote/<task id>/`` holds exactly ``files`` (names and bytes)
     and a ``.complete`` marker naming the job, and no hidden staging folder is left beside it.
@@ -435,6 +469,7 @@ __all__ = [
     "OpenSSHServer",
     "SSHAccount",
     "SeriesWatcher",
+    "SettingsFactory",
     "check_delivered",
     "create_ssh_account",
     "delete_ssh_account",
@@ -444,4 +479,5 @@ __all__ = [
     "remove_base_folder",
     "snapshot",
     "ssh_base_folder",
+    "ssh_target_settings",
 ]

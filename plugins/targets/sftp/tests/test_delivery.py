@@ -1,347 +1,45 @@
-"""Delivery to a real OpenSSH sshd: logins, host keys, layout, retries and their errors."""
+"""Delivery to a real OpenSSH sshd: logins, host keys, layout, retries and their errors.
+
+The tests every SSH folder target shares come from :mod:`mercure.testing_ssh_targets`; this
+module says how the sftp target words its errors and adds what only it does.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-import uuid
 from pathlib import Path
 
 import pytest
-from mercure.testing import DispatchEnv, make_series
-from mercure.testing_ssh import check_delivered, make_keypair, snapshot
+from mercure.testing import OpenSSHServer, make_series
+from mercure.testing_ssh_targets import SSHFolderDeliveryTests, deliver_once
+from mercure_target_sftp.layout import part_name
 
 pytestmark = pytest.mark.peer
 
 
-def deliver_once(env: DispatchEnv, files: list[Path], tags: dict[str, str] | None = None):
-    ref = env.job(files, "t", tags)
-    where, task = env.deliver(ref)
-    return ref, where, task
+class TestSftpDelivery(SSHFolderDeliveryTests):
+    target_type = "sftp"
+    wrong_login_errors = {
+        "password": "login to",
+        "key": "login to",
+        "passphrase": "cannot load key_file",
+    }
+    refused_port_error = r"cannot connect to 127\.0\.0\.1"
 
+    def check_changed_host_key_error(self, error: str, old: str, known: Path) -> None:
+        assert old in error, "both keys are named"
 
-# -- logins ---------------------------------------------------------------------------------
+    def check_pinned_on_first_use(self, known: Path, server: OpenSSHServer) -> None:
+        assert known.read_text() == server.known_hosts_line
+        assert (known.stat().st_mode & 0o777) == 0o600
 
+    def leave_temporary_file(self, staging: Path, name: str) -> None:
+        Path(part_name(str(staging / name))).write_bytes(b"partial")
 
-def test_key_login_delivers_in_mercures_layout(dispatch_env, settings, remote, tmp_path) -> None:
-    files = make_series(tmp_path / "series", 12)
-    env = dispatch_env.start({"t": settings()})
-    ref, where, task = deliver_once(env, files)
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-    assert task.dispatch_state is not None
-    assert sorted(task.dispatch_state.delivered["t"]) == sorted(f.name for f in files)
-
-
-def test_password_login(dispatch_env, settings, remote, ssh_account, tmp_path) -> None:
-    files = make_series(tmp_path / "series", 3)
-    env = dispatch_env.start({"t": settings(key_file=None, password=ssh_account.password)})
-    ref, where, task = deliver_once(env, files)
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-
-
-def test_encrypted_key_file_with_passphrase(dispatch_env, settings, remote, ssh_account, tmp_path):
-    files = make_series(tmp_path / "series", 2)
-    env = dispatch_env.start(
-        {
-            "t": settings(
-                key_file=str(ssh_account.encrypted_key), key_passphrase=ssh_account.passphrase
-            )
-        }
-    )
-    ref, where, task = deliver_once(env, files)
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-
-
-def test_private_key_and_passphrase_from_secret_references(
-    dispatch_env, settings, remote, ssh_account, tmp_path, monkeypatch
-) -> None:
-    monkeypatch.setenv("TEST_SFTP_PASSPHRASE", ssh_account.passphrase)
-    files = make_series(tmp_path / "series", 2)
-    env = dispatch_env.start(
-        {
-            "t": settings(
-                key_file=None,
-                private_key=f"${{file:{ssh_account.encrypted_key}}}",
-                key_passphrase="${env:TEST_SFTP_PASSPHRASE}",
-            )
-        }
-    )
-    ref, where, task = deliver_once(env, files)
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-
-
-@pytest.mark.parametrize("login", ["password", "key", "passphrase"])
-def test_wrong_credentials_go_to_error_at_once(
-    login, dispatch_env, settings, ssh_account, remote, tmp_path
-) -> None:
-    if login == "password":
-        target = settings(key_file=None, password="not-" + ssh_account.password)
-        expected = "login to"
-    elif login == "key":
-        target = settings(key_file=str(make_keypair(tmp_path / "stranger")))
-        expected = "login to"
-    else:
-        target = settings(key_file=str(ssh_account.encrypted_key), key_passphrase="wrong")
-        expected = "cannot load key_file"
-    env = dispatch_env.start({"t": target})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 2))
-    assert where.state == "error", "a login that cannot succeed must not be retried"
-    assert task.dispatch_state is not None and task.dispatch_state.retries == 0
-    assert expected in (task.error or "") and "not retried" in (task.error or "")
-    assert os.listdir(remote) == []
+    def check_connection_line(self, line: str, server: OpenSSHServer) -> None:
+        assert server.fingerprint in line
 
 
 def test_encrypted_key_without_passphrase_says_so(dispatch_env, settings, ssh_account, tmp_path):
     env = dispatch_env.start({"t": settings(key_file=str(ssh_account.encrypted_key))})
     _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
     assert where.state == "error" and "set key_passphrase" in (task.error or "")
-
-
-# -- host keys ------------------------------------------------------------------------------
-
-
-def test_unknown_host_is_refused_with_its_fingerprint(
-    dispatch_env, settings, openssh_server, tmp_path
-) -> None:
-    empty = tmp_path / "empty_known_hosts"
-    empty.write_text("")
-    env = dispatch_env.start({"t": settings(known_hosts=str(empty))})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
-    assert where.state == "error"
-    assert "is not known" in (task.error or "")
-    assert openssh_server.fingerprint in (task.error or "")
-    assert empty.read_text() == "", "nothing may be pinned without trust_on_first_use"
-
-
-def test_changed_host_key_is_refused(dispatch_env, settings, own_server, remote, tmp_path) -> None:
-    """The same server and port answer with a new identity: refused, both keys named."""
-    known = own_server.write_known_hosts(tmp_path / "kh")
-    old = own_server.fingerprint
-    env = dispatch_env.start({"t": settings(server=own_server, known_hosts=str(known))})
-    ref, where, task = deliver_once(env, make_series(tmp_path / "a", 1))
-    assert where.state == "success", task.error
-    own_server.restart(new_host_key=True)
-    assert own_server.fingerprint != old
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "b", 1))
-    assert where.state == "error"
-    error = task.error or ""
-    assert "CHANGED" in error and own_server.fingerprint in error and old in error
-    assert sorted(os.listdir(remote)) == [ref.id], "nothing may reach an unverified server"
-
-
-def test_pinned_fingerprint(dispatch_env, settings, openssh_server, remote, tmp_path) -> None:
-    files = make_series(tmp_path / "series", 2)
-    env = dispatch_env.start(
-        {"t": settings(known_hosts=None, host_key_fingerprint=openssh_server.fingerprint)}
-    )
-    ref, where, task = deliver_once(env, files)
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-
-
-def test_wrong_pinned_fingerprint_is_refused(dispatch_env, settings, openssh_server, tmp_path):
-    other = make_keypair(tmp_path / "other")
-    from mercure.testing_ssh import fingerprint_of
-
-    pin = fingerprint_of((tmp_path / "other.pub").read_text())
-    assert other.exists() and pin != openssh_server.fingerprint
-    env = dispatch_env.start({"t": settings(known_hosts=None, host_key_fingerprint=pin)})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
-    assert where.state == "error"
-    assert pin in (task.error or "") and openssh_server.fingerprint in (task.error or "")
-
-
-def test_trust_on_first_use_pins_the_key(dispatch_env, settings, own_server, remote, tmp_path):
-    known = tmp_path / "ssh" / "known_hosts"  # neither the file nor its folder exist yet
-    env = dispatch_env.start(
-        {"t": settings(server=own_server, known_hosts=str(known), trust_on_first_use=True)}
-    )
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "a", 1))
-    assert where.state == "success", task.error
-    assert known.read_text() == own_server.known_hosts_line
-    assert (known.stat().st_mode & 0o777) == 0o600
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "b", 1))
-    assert where.state == "success", task.error
-    assert known.read_text() == own_server.known_hosts_line, "pinned once, not again"
-    own_server.restart(new_host_key=True)
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "c", 1))
-    assert where.state == "error" and "CHANGED" in (task.error or "")
-
-
-# -- the remote folder ----------------------------------------------------------------------
-
-
-def test_missing_base_folder_is_a_configuration_error(dispatch_env, settings, remote, tmp_path):
-    env = dispatch_env.start({"t": settings(folder=str(remote / "nope"))})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
-    assert where.state == "error" and "does not exist" in (task.error or "")
-
-
-def test_permission_denied_goes_to_error_at_once(dispatch_env, settings, ssh_account, tmp_path):
-    locked = ssh_account.folder(f"locked-{uuid.uuid4().hex[:6]}", owned=False)  # root's, 0755
-    env = dispatch_env.start({"t": settings(folder=str(locked))})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
-    assert where.state == "error"
-    assert "permission denied" in (task.error or "").lower()
-    assert os.listdir(locked) == []
-
-
-def test_patterns_lay_out_by_tags(dispatch_env, settings, remote, tmp_path) -> None:
-    files = make_series(tmp_path / "series", 4, PatientID="P/../1")
-    import pydicom
-
-    first = pydicom.dcmread(files[0])
-    env = dispatch_env.start(
-        {
-            "t": settings(
-                folder_pattern="{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}",
-                file_pattern="{SeriesNumber}/{SOPInstanceUID}.dcm",
-            )
-        }
-    )
-    tags = {
-        "PatientID": str(first.PatientID),
-        "StudyInstanceUID": str(first.StudyInstanceUID),
-        "SeriesInstanceUID": str(first.SeriesInstanceUID),
-    }
-    _ref, where, task = deliver_once(env, files, tags)
-    assert where.state == "success", task.error
-    series = remote / "P_.._1" / first.StudyInstanceUID / first.SeriesInstanceUID
-    assert sorted(os.listdir(series)) == [".complete", "1"]
-    for src in files:
-        uid = pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID
-        assert (series / "1" / f"{uid}.dcm").read_bytes() == src.read_bytes()
-    assert not [n for n in os.listdir(series.parent) if n.startswith(".")]
-
-
-def test_a_series_folder_taken_by_another_job_gets_its_own_name(
-    dispatch_env, settings, remote, tmp_path
-) -> None:
-    env = dispatch_env.start({"t": settings(folder_pattern="{SeriesInstanceUID}")})
-    first = make_series(tmp_path / "a", 2, series_uid="1.2.3.4")
-    second = make_series(tmp_path / "b", 3, series_uid="1.2.3.4")
-    tags = {"SeriesInstanceUID": "1.2.3.4"}
-    _ref1, where, task = deliver_once(env, first, tags)
-    assert where.state == "success", task.error
-    ref2, where, task = deliver_once(env, second, tags)
-    assert where.state == "success", task.error
-    check_delivered(remote, _ref1.id, first, folder="1.2.3.4")
-    check_delivered(remote, ref2.id, second, folder=f"1.2.3.4_{ref2.id}")
-
-
-@pytest.mark.parametrize("problem", ["unreadable", "same path"])
-def test_a_series_that_would_be_incomplete_is_not_sent(
-    problem, dispatch_env, settings, remote, tmp_path
-) -> None:
-    """An instance that cannot be sent fails the job at once; nothing appears on the server."""
-    import shutil
-
-    files = make_series(tmp_path / "series", 3)
-    if problem == "unreadable":
-        bad = tmp_path / "series" / "junk.dcm"
-        bad.write_bytes(b"not DICOM at all")
-    else:
-        bad = tmp_path / "series" / "copy.dcm"
-        shutil.copyfile(files[0], bad)  # the same SOP instance under a second name
-    env = dispatch_env.start({"t": settings(file_pattern="{SOPInstanceUID}.dcm")})
-    _ref, where, task = deliver_once(env, [*files, bad])
-    assert where.state == "error"
-    assert task.dispatch_state is not None
-    reasons = task.dispatch_state.failed["t"]
-    assert ("cannot read" if problem == "unreadable" else "for both") in str(reasons)
-    assert "would be incomplete" in (task.error or "")
-    assert os.listdir(remote) == []
-
-
-# -- retries --------------------------------------------------------------------------------
-
-
-def test_retry_resumes_a_staging_folder_without_resending(
-    dispatch_env, settings, remote, ssh_account, tmp_path
-) -> None:
-    """Files complete on the server from a broken try stay; a half file is sent again."""
-    from mercure_target_sftp.layout import part_name, series_paths
-
-    files = make_series(tmp_path / "series", 6)
-    env = dispatch_env.start({"t": settings()})
-    ref = env.job(files, "t")
-    staging = Path(series_paths(str(remote), ref.id, ref.id).staging)
-    staging.mkdir()
-    for src in files[:3]:  # what a broken try left: three complete files ...
-        (staging / src.name).write_bytes(src.read_bytes())
-    (staging / files[3].name).write_bytes(files[3].read_bytes()[:100])  # ... one cut short
-    Path(part_name(str(staging / files[4].name))).write_bytes(b"partial")  # ... and one temp
-    for path in [staging, *staging.iterdir()]:
-        os.chown(path, ssh_account.uid, ssh_account.gid)
-    before = snapshot(staging)
-    where, task = env.deliver(ref)
-    assert where.state == "success", task.error
-    series = check_delivered(remote, ref.id, files)
-    after = snapshot(series)
-    for src in files[:3]:
-        assert after[src.name] == before[src.name], f"{src.name} was uploaded again"
-    assert after[files[3].name] != before[files[3].name]
-
-
-def test_retry_after_publishing_but_before_the_record_sends_nothing(
-    dispatch_env, settings, remote, tmp_path
-) -> None:
-    """A crash between the rename and the task file: the retry finds its complete series."""
-    files = make_series(tmp_path / "series", 4)
-    env = dispatch_env.start({"t": settings()})
-    ref = env.job(files, "t")
-    assert env.runtime is not None
-    target = env.runtime.target("t")
-    job_ref = env.where(ref)
-    from mercure.targets import DeliveryJob
-
-    task = env.runtime.store.read(job_ref)
-    job = DeliveryJob(ref.id, job_ref.path, sorted(job_ref.path.glob("*.dcm")), {}, task)
-    assert sorted(target.send(job).delivered) == sorted(f.name for f in files)
-    before = snapshot(remote)
-    where, task = env.deliver(ref)  # the dispatcher never recorded the first send
-    assert where.state == "success", task.error
-    check_delivered(remote, ref.id, files)
-    assert snapshot(remote) == before, "nothing may be uploaded twice"
-    assert sorted(os.listdir(remote)) == [ref.id]
-
-
-def test_parallel_jobs_from_several_threads(dispatch_env, settings, remote, tmp_path) -> None:
-    env = dispatch_env.start({"t": settings()})
-    jobs = [(env.job(make_series(tmp_path / f"s{i}", 15), "t"), i) for i in range(6)]
-    assert env.dispatcher is not None
-    threads = [
-        threading.Thread(target=env.dispatcher.deliver, args=(env.where(r),)) for r, _ in jobs
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    for ref, i in jobs:
-        assert env.where(ref).state == "success"
-        check_delivered(remote, ref.id, sorted((tmp_path / f"s{i}").glob("*.dcm")))
-
-
-# -- test_connection ------------------------------------------------------------------------
-
-
-def test_connection_test(dispatch_env, settings, openssh_server, remote, tmp_path) -> None:
-    env = dispatch_env.start({"t": settings()})
-    assert env.runtime is not None
-    line = env.runtime.target("t").test_connection()
-    assert openssh_server.fingerprint in line and "writable" in line
-    assert os.listdir(remote) == [], "the probe folder is removed again"
-
-
-def test_connection_test_reports_a_refused_port(dispatch_env, settings, tmp_path) -> None:
-    from mercure.targets import TargetError
-    from mercure.testing import free_port
-
-    env = dispatch_env.start({"t": settings(port=free_port())})
-    assert env.runtime is not None
-    with pytest.raises(TargetError, match=r"cannot connect to 127\.0\.0\.1"):
-        env.runtime.target("t").test_connection()

@@ -1,158 +1,17 @@
-"""Whole series against a real sshd: a watching reader, a killed server, secrets kept secret."""
+"""Whole series against a real sshd: a watching reader, a killed server, secrets kept secret.
+
+The tests come from :mod:`mercure.testing_ssh_targets`; paramiko runs in the router's own
+process, so there are no helper processes to look for.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import threading
-import time
-from pathlib import Path
-
-import pydicom
 import pytest
-from mercure.testing import (
-    OpenSSHServer,
-    config_for,
-    dataset_bytes,
-    dcmtk_storescu,
-    make_series,
-    processes_containing,
-    start_router,
-    wait_for,
-)
-from mercure.testing_ssh import SeriesWatcher, check_delivered, snapshot
+from mercure.testing_ssh_targets import SSHFolderTransferTests
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 
-def test_300_instances_through_the_router_never_show_a_partial_series(
-    settings, remote: Path, tmp_path: Path
-) -> None:
-    """Receiver, router, dispatcher, this target; a reader lists the destination throughout."""
-    sent = make_series(tmp_path / "sent", 300, rows=64, columns=64)
-    config = config_for(
-        tmp_path,
-        targets={"cluster": settings()},
-        rules={"all": {"rule": "True", "target": "cluster"}},
-    )
-    watcher = SeriesWatcher(remote, expected=300).start()
-    try:
-        with contextlib.contextmanager(start_router)(config) as router:
-            dcmtk_storescu(tmp_path / "sent", router.port)
-            success = config.folder("success")
-            jobs = wait_for(lambda: list(success.iterdir()), timeout=120, what="job in success/")
-    finally:
-        watcher.stop()
-    assert watcher.incomplete == [], watcher.incomplete[:5]
-    assert watcher.looks > 0 and jobs[0].name in watcher.seen
-    series = remote / jobs[0].name
-    arrived = sorted(p for p in series.iterdir() if p.suffix == ".dcm")
-    assert len(arrived) == 300 and (series / ".complete").exists()
-    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sent}
-    for path in arrived:
-        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        assert dataset_bytes(path) == dataset_bytes(by_uid.pop(uid))
-    assert by_uid == {}
-    assert [n for n in os.listdir(remote) if n.startswith(".")] == []
-
-
-def test_sshd_killed_mid_transfer_then_the_retry_completes(
-    dispatch_env, settings, own_server: OpenSSHServer, remote: Path, tmp_path: Path
-) -> None:
-    """Kill the server (and every session) with a third of the series up: the next try sends
-    only what is missing, and no reader ever sees the series before it is whole."""
-    files = make_series(tmp_path / "series", 300, rows=256, columns=256)
-    known = own_server.write_known_hosts(tmp_path / "kh")
-    env = dispatch_env.start({"t": settings(server=own_server, known_hosts=str(known))})
-    ref = env.job(files, "t")
-    staging = remote / f".{ref.id}.partial"
-    killed = threading.Event()
-
-    def kill_when_a_third_is_up() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if len([n for n in os.listdir(staging) if not n.startswith(".")]) >= 100:
-                    own_server.kill()
-                    killed.set()
-                    return
-            time.sleep(0.002)
-
-    killer = threading.Thread(target=kill_when_a_third_is_up)
-    watcher = SeriesWatcher(remote, expected=300).start()
-    try:
-        killer.start()
-        where, task = env.deliver(ref)
-        killer.join(130)
-        assert killed.is_set(), "the server was not killed during the transfer"
-        assert where.state == "outgoing", "the broken try must be retried, not given up"
-        assert task.dispatch_state is not None and task.dispatch_state.retries == 1
-        assert task.dispatch_state.delivered.get("t", []) == []
-        assert not (remote / ref.id).exists(), "nothing is published from a broken try"
-        up_before = snapshot(staging)
-        assert 100 <= len(up_before) < 300
-        own_server.start()  # same port, same host key
-        where, task = env.deliver(ref)
-    finally:
-        watcher.stop()
-    assert where.state == "success", task.error
-    series = check_delivered(remote, ref.id, files)
-    up_after = snapshot(series)
-    resent = [name for name, ident in up_before.items() if up_after[name] != ident]
-    assert resent == [], f"complete files uploaded again: {resent[:5]}"
-    assert watcher.incomplete == [], watcher.incomplete[:5]
-
-
-def test_no_password_or_key_material_in_logs_task_files_or_processes(
-    dispatch_env, settings, ssh_account, remote: Path, tmp_path: Path, caplog, capfd
-) -> None:
-    caplog.set_level(logging.DEBUG)  # paramiko's own debug log included
-    secrets = [ssh_account.password, ssh_account.passphrase]
-    key_text = ssh_account.encrypted_key.read_text()
-    key_body = "".join(key_text.splitlines()[1:3])  # a stretch of the key's base64
-    files = make_series(tmp_path / "series", 20)
-    seen_in_processes: list[str] = []
-    stop = threading.Event()
-
-    def watch_processes() -> None:
-        while not stop.is_set():
-            for secret in [*secrets, key_body]:
-                seen_in_processes.extend(processes_containing(secret))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch_processes)
-    watcher.start()
-    try:
-        env = dispatch_env.start(
-            {
-                "pw": settings(key_file=None, password=ssh_account.password),
-                "key": settings(
-                    key_file=None,
-                    private_key=key_text,
-                    key_passphrase=ssh_account.passphrase,
-                    folder_pattern="key-{task_id}",
-                ),
-                "badpw": settings(key_file=None, password=ssh_account.password + "x"),
-            }
-        )
-        outcomes = {}
-        for name in ("pw", "key", "badpw"):
-            ref = env.job(files, name)
-            outcomes[name] = env.deliver(ref)[0].state
-    finally:
-        stop.set()
-        watcher.join(10)
-    assert outcomes == {"pw": "success", "key": "success", "badpw": "error"}
-    out, err = capfd.readouterr()
-    logs = caplog.text + out + err
-    assert "login to" in logs  # the failure was logged, without the password
-    spool_text = b"".join(
-        p.read_bytes()
-        for p in (tmp_path / "spool").rglob("*")
-        if p.is_file() and p.suffix != ".dcm"
-    )
-    for secret in [*secrets, key_body, ssh_account.password + "x"]:
-        assert secret not in logs
-        assert secret.encode() not in spool_text
-    assert seen_in_processes == []
+class TestSftpTransfer(SSHFolderTransferTests):
+    target_type = "sftp"
+    login_failure_logged = "login to"

@@ -5,7 +5,7 @@ try publish this job already, make the hidden staging folder), one ``rsync`` run
 staging folder (rsync itself skips files complete there from an earlier, broken try), a
 finishing step that writes ``.complete`` and renames the folder, and mercure's
 ``mercure_complete.sh`` when ``run_on_complete`` is set. See
-:mod:`mercure_target_rsync.layout` for the layout and :mod:`mercure_target_rsync.ssh` for
+:mod:`mercure.remote_layout` for the layout and :mod:`mercure_target_rsync.ssh` for
 authentication and host keys.
 """
 
@@ -14,18 +14,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mercure.instances import InstanceIndex
+from mercure import remote_layout
 from mercure.logs import get_logger
+from mercure.remote_layout import SeriesPaths, marker_probe, marker_record
 from mercure.targets import DeliveryJob, DeliveryResult, PermanentTargetError, Target
 
 from mercure_target_rsync import remote
 from mercure_target_rsync.config import RsyncTargetConfig
-from mercure_target_rsync.layout import SeriesPaths, marker_probe, marker_text, series_paths
 from mercure_target_rsync.ssh import SshContext, program
 
 log = get_logger("mercure.target.rsync")
-#: Pattern fields known without reading an instance's header.
-JOB_FIELDS = frozenset({"filename", "task_id", "target"})
 
 
 class RsyncTarget(Target[RsyncTargetConfig]):
@@ -37,51 +35,20 @@ class RsyncTarget(Target[RsyncTargetConfig]):
 
     def paths(self, job: DeliveryJob) -> SeriesPaths:
         """The job's remote folders, from the series' tags (the same on every retry)."""
-        values = {**job.tags, "task_id": job.task_id, "target": self.name}
-        relative = self.config.folder_pattern.render(values)
-        return series_paths(self.config.folder, relative, job.task_id)
+        return remote_layout.job_paths(
+            job, self.config.folder, self.config.folder_pattern, self.name
+        )
 
     def plan(self, job: DeliveryJob) -> tuple[dict[str, Path], dict[str, str]]:
         """Relative path in the job's folder -> local file; and files that cannot be sent."""
-        pattern = self.config.file_pattern
-        index: InstanceIndex | None = None
-        if not set(pattern.fields) <= JOB_FIELDS:
-            index = job.index()
-        planned: dict[str, Path] = {}
-        failed: dict[str, str] = {}
-        for path in job.files:
-            if index is not None:
-                if path.name in index.unreadable:
-                    failed[path.name] = index.unreadable[path.name]
-                    continue
-                rel = job.render(pattern, index, path.name, target=self.name)
-            else:
-                values = {"filename": path.name, "task_id": job.task_id, "target": self.name}
-                rel = pattern.render(values)
-            if rel in planned:
-                failed[path.name] = (
-                    f"file_pattern gives {rel!r} for both {planned[rel].name} and {path.name}; "
-                    "include {SOPInstanceUID} or {filename}"
-                )
-                continue
-            if not path.is_file():
-                failed[path.name] = f"{path} is missing from the job folder"
-                continue
-            planned[rel] = path
-        return planned, failed
+        return remote_layout.plan(job, self.config.file_pattern, self.name)
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
         rsync = program(self.config.rsync_path, "rsync")
         paths = self.paths(job)
         planned, failed = self.plan(job)
         if failed:
-            # A series without these instances must not appear as complete: send nothing.
-            return DeliveryResult(
-                failed=failed,
-                error=f"not sent: the series would be incomplete without {len(failed)} "
-                "instance(s) that cannot be sent",
-                permanent=True,
-            )
+            return remote_layout.incomplete(failed)
         with SshContext(self.config, self.name) as ssh:
             answer = ssh.remote(
                 "preparing the series folder",
@@ -106,7 +73,7 @@ class RsyncTarget(Target[RsyncTargetConfig]):
                     paths.staging,
                     paths.final,
                     paths.alternate,
-                    marker_text(job.task_id, self.name),
+                    marker_record(job.task_id, self.name),
                     meanings=remote.MEANINGS,
                     permanent_codes=remote.PERMANENT,
                 )
@@ -132,15 +99,9 @@ class RsyncTarget(Target[RsyncTargetConfig]):
                     permanent_codes=(),
                     timeout=max(self.config.timeout * 10, 600),
                 )
-        log.info(
-            "series delivered" if done is None else "series was complete already",
-            target=self.name,
-            task_id=job.task_id,
-            folder=final,
-            uploaded=uploaded,
-            already_there=len(planned) - uploaded,
+        return remote_layout.delivered(
+            log, self.name, job.task_id, final, planned, uploaded, already_complete=done is not None
         )
-        return DeliveryResult(delivered=[p.name for p in planned.values()])
 
     def _rsync(self, ssh: SshContext, rsync: str, planned: dict[str, Path], dest: str) -> int:
         """Send ``planned`` into ``dest`` on the server; returns how many files were sent."""
@@ -171,7 +132,7 @@ class RsyncTarget(Target[RsyncTargetConfig]):
 
     def test_connection(self) -> str:
         program(self.config.rsync_path, "rsync")
-        base = series_paths(self.config.folder, "x", "x").base
+        base = remote_layout.base_folder(self.config.folder)
         with SshContext(self.config, self.name) as ssh:
             out = ssh.remote(
                 "checking the target folder",

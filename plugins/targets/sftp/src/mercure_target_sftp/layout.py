@@ -1,72 +1,17 @@
-"""Where a job's instances go on the server, and how a reader tells a series is complete.
+"""The hidden temporary name a file is uploaded under; the rest of the layout is the core's.
 
-Layout (defaults keep mercure's: ``<folder>/<task id>/<instance>`` plus ``.complete``)::
-
-    <folder>/<folder_pattern>/                     the series, complete, with .complete in it
-    <folder>/<parent>/.<name>.<task id>.partial/   hidden staging folder while it is sent
-                                                   (``.<task id>.partial`` by default)
-    <folder>/<folder_pattern>_<task id>/           if another job's series holds the name
-
-Instances are uploaded into the hidden staging folder (each under a temporary name, renamed
-once its bytes are all there), the ``.complete`` marker is written into it last, and then the
-folder is renamed to its final name in one step: a reader sees either no series or all of it,
-marker included. The marker holds the task id, so a retry after a crash between the rename and
-the router's record recognises its own, complete series and does not send it again.
+See :mod:`mercure.remote_layout` for the folders and the ``.complete`` marker. Each instance
+is written under ``.<name>.part`` and renamed once all its bytes are there (and its size is
+checked), so a reader never sees a half file under an instance's name.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from posixpath import basename, dirname, join, normpath
+from posixpath import basename, dirname, join
 
-MARKER = ".complete"
-STAGING_SUFFIX = ".partial"
 PART_SUFFIX = ".part"
-
-
-@dataclass(frozen=True)
-class SeriesPaths:
-    """The remote paths of one job (POSIX paths as the server sees them)."""
-
-    base: str
-    final: str
-    alternate: str
-    staging: str
-
-    @property
-    def parent(self) -> str:
-        return dirname(self.final)
-
-
-def series_paths(folder: str, relative: str, task_id: str) -> SeriesPaths:
-    """Paths for a job whose folder renders to ``relative`` (already safe) below ``folder``."""
-    base = normpath(folder) if folder not in ("", ".") else "."
-    final = join(base, relative)
-    parent, name = dirname(final), basename(final)
-    hidden = f".{name}" if name == task_id else f".{name}.{task_id}"
-    return SeriesPaths(
-        base=base,
-        final=final,
-        alternate=f"{final}_{task_id}",
-        staging=join(parent, hidden + STAGING_SUFFIX),
-    )
 
 
 def part_name(path: str) -> str:
     """The hidden temporary name a file is written under before it is renamed to ``path``."""
     return join(dirname(path), f".{basename(path)}{PART_SUFFIX}")
-
-
-def marker_text(task_id: str, target: str) -> str:
-    """Content of ``.complete``: mercure writes it empty; the task id lets a retry know it."""
-    return json.dumps({"task_id": task_id, "target": target}) + "\n"
-
-
-def marker_names(text: str, task_id: str) -> bool:
-    """True if a ``.complete`` marker was written by this job."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("task_id") == task_id

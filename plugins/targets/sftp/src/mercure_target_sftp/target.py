@@ -1,7 +1,7 @@
 """The ``sftp`` target: each job's instances into one folder on an SFTP server, all at once.
 
-See :mod:`mercure_target_sftp.layout` for the layout and why a reader never sees half a
-series, and :mod:`mercure_target_sftp.session` for why every ``send`` has its own connection.
+See :mod:`mercure.remote_layout` for the layout and why a reader never sees half a series,
+and :mod:`mercure_target_sftp.session` for why every ``send`` has its own connection.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 from posixpath import join
 
 import paramiko
-from mercure.instances import InstanceIndex
+from mercure import remote_layout
 from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
+from mercure.remote_layout import MARKER, SeriesPaths, marker_names, marker_text
 from mercure.targets import (
     DeliveryJob,
     DeliveryResult,
@@ -24,12 +25,9 @@ from mercure.targets import (
 )
 
 from mercure_target_sftp.config import SftpTargetConfig
-from mercure_target_sftp.layout import MARKER, SeriesPaths, marker_names, marker_text, series_paths
 from mercure_target_sftp.session import Session, load_private_key
 
 log = get_logger("mercure.target.sftp")
-#: Pattern fields known without reading an instance's header.
-JOB_FIELDS = frozenset({"filename", "task_id", "target"})
 
 
 class SftpTarget(Target[SftpTargetConfig]):
@@ -80,38 +78,13 @@ class SftpTarget(Target[SftpTargetConfig]):
 
     def paths(self, job: DeliveryJob) -> SeriesPaths:
         """The job's remote folders, from the series' tags (the same on every retry)."""
-        values = {**job.tags, "task_id": job.task_id, "target": self.name}
-        relative = self.config.folder_pattern.render(values)
-        return series_paths(self.config.folder, relative, job.task_id)
+        return remote_layout.job_paths(
+            job, self.config.folder, self.config.folder_pattern, self.name
+        )
 
     def plan(self, job: DeliveryJob) -> tuple[dict[str, Path], dict[str, str]]:
         """Relative path in the job's folder -> local file; and files that cannot be sent."""
-        pattern = self.config.file_pattern
-        index: InstanceIndex | None = None
-        if not set(pattern.fields) <= JOB_FIELDS:
-            index = job.index()
-        planned: dict[str, Path] = {}
-        failed: dict[str, str] = {}
-        for path in job.files:
-            if index is not None:
-                if path.name in index.unreadable:
-                    failed[path.name] = index.unreadable[path.name]
-                    continue
-                rel = job.render(pattern, index, path.name, target=self.name)
-            else:
-                values = {"filename": path.name, "task_id": job.task_id, "target": self.name}
-                rel = pattern.render(values)
-            if rel in planned:
-                failed[path.name] = (
-                    f"file_pattern gives {rel!r} for both {planned[rel].name} and {path.name}; "
-                    "include {SOPInstanceUID} or {filename}"
-                )
-                continue
-            if not path.is_file():
-                failed[path.name] = f"{path} is missing from the job folder"
-                continue
-            planned[rel] = path
-        return planned, failed
+        return remote_layout.plan(job, self.config.file_pattern, self.name)
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -119,13 +92,7 @@ class SftpTarget(Target[SftpTargetConfig]):
         paths = self.paths(job)
         planned, failed = self.plan(job)
         if failed:
-            # A series without these instances must not appear as complete: send nothing.
-            return DeliveryResult(
-                failed=failed,
-                error=f"not sent: the series would be incomplete without {len(failed)} "
-                "instance(s) that cannot be sent",
-                permanent=True,
-            )
+            return remote_layout.incomplete(failed)
         with self.connect() as session:
             if not session.is_dir(paths.base):
                 raise PermanentTargetError(
@@ -149,15 +116,9 @@ class SftpTarget(Target[SftpTargetConfig]):
                 session.put(local, join(dest, rel), size)
                 sent += 1
             final = done or self._publish(session, paths, job.task_id)
-        log.info(
-            "series delivered" if done is None else "series was complete already",
-            target=self.name,
-            task_id=job.task_id,
-            folder=final,
-            uploaded=sent,
-            already_there=len(planned) - sent,
+        return remote_layout.delivered(
+            log, self.name, job.task_id, final, planned, sent, already_complete=done is not None
         )
-        return DeliveryResult(delivered=[p.name for p in planned.values()])
 
     def _own_complete(self, session: Session, paths: SeriesPaths, task_id: str) -> str | None:
         """The final folder of this job if an earlier try published it (crash before record)."""
@@ -189,7 +150,7 @@ class SftpTarget(Target[SftpTargetConfig]):
     def test_connection(self) -> str:
         cfg = self.config
         with self.connect() as session:
-            base = series_paths(cfg.folder, "x", "x").base
+            base = remote_layout.base_folder(cfg.folder)
             if not session.is_dir(base):
                 raise PermanentTargetError(f"folder {base} does not exist on {session.where}")
             probe = join(base, f".mercure-probe-{uuid.uuid4().hex}")
