@@ -1,4 +1,8 @@
-"""The rsync target's settings and its error mapping (no server needed)."""
+"""The rsync target's settings and its error mapping (no server needed).
+
+The fields every SSH target shares, their defaults and checks are tested with the core
+(``core/tests/test_ssh_settings.py``); here: that this target has them, and its own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import mercure_target_rsync as plugin
 import pytest
 from mercure.config import validate_config
 from mercure.plugins import build_plugin_manager
+from mercure.ssh_settings import SSHFolderTargetConfig
 from mercure.targets import PermanentTargetError
 from mercure_target_rsync.config import RsyncTargetConfig
 from mercure_target_rsync.errors import failure
@@ -18,16 +23,16 @@ MERCURE = {"target_type": "rsync", "folder": "/data/in", "user": "mercure", "hos
 
 def test_mercure_fields_and_defaults() -> None:
     cfg = RsyncTargetConfig.model_validate(MERCURE)
-    assert (cfg.folder, cfg.user, cfg.host, cfg.password) == (
-        "/data/in",
-        "mercure",
-        "hpc.example",
-        None,
-    )
-    assert cfg.run_on_complete is False
+    assert isinstance(cfg, SSHFolderTargetConfig)
+    assert cfg.model_dump(include={"folder", "user", "host", "password", "run_on_complete"}) == {
+        "folder": "/data/in",
+        "user": "mercure",
+        "host": "hpc.example",
+        "password": None,
+        "run_on_complete": False,
+    }
     assert cfg.port == 22 and cfg.timeout == 60 and cfg.chmod == "D770,F660" and cfg.compress
-    assert cfg.folder_pattern.text == "{task_id}" and cfg.file_pattern.text == "{filename}"
-    assert cfg.known_hosts is None and cfg.trust_on_first_use is False
+    assert (cfg.rsync_path, cfg.ssh_path) == ("rsync", "ssh")
 
 
 def test_registered_through_the_entry_point(plugin_manager, register_plugin) -> None:
@@ -51,11 +56,11 @@ def test_a_mercure_configuration_loads_unchanged() -> None:
     [
         ({"host": "-oProxyCommand=x"}, "not a plain host or user name"),
         ({"user": "a b"}, "not a plain host or user name"),
+        ({"user": "u@h"}, "not a plain host or user name"),
         ({"chmod": "660; rm -rf /"}, "not an rsync --chmod value"),
+        ({"timeout": 1}, "greater than or equal to 5"),
         ({"host_key_fingerprint": "MD5:00"}, "not an OpenSSH SHA256 fingerprint"),
         ({"file_pattern": "{SeriesNumber}"}, "must contain {filename} or {SOPInstanceUID}"),
-        ({"folder_pattern": "{filename}"}, "differs between the instances"),
-        ({"timeout": 1}, "greater than or equal to 5"),
         ({"key_file": "/k", "private_key": "K"}, "not both"),
     ],
 )
