@@ -9,15 +9,15 @@ from typing import Any
 
 import pydicom
 import pytest
-from mercure import remote_layout
 from mercure.jobs.task import Task, TaskInfo
 from mercure.patterns import TagPattern
 from mercure.remote_layout import (
+    DeliveryPlan,
+    RemoteLayout,
     SeriesPaths,
     base_folder,
     check_file_pattern,
     check_folder_pattern,
-    job_paths,
     marker_names,
     marker_probe,
     marker_record,
@@ -66,12 +66,18 @@ def test_the_base_folder_as_the_server_sees_it(folder: str, base: str) -> None:
     assert series_paths(folder, "s", TASK).base == base
 
 
+def layout(file_pattern: str = "{filename}", folder_pattern: str = "{task_id}") -> RemoteLayout:
+    return RemoteLayout(
+        "/srv/", TagPattern.parse(folder_pattern), TagPattern.parse(file_pattern), "t"
+    )
+
+
 def test_job_paths_render_the_series_tags_task_id_and_target() -> None:
-    pattern = TagPattern.parse("{target}/{PatientID}/{task_id}")
     job = job_of([], {"PatientID": "../../etc"})
-    paths = job_paths(job, "/srv", pattern, "cluster")
-    assert paths.final == f"/srv/cluster/_.._etc/{TASK}"
-    assert paths.staging == f"/srv/cluster/_.._etc/.{TASK}.partial"
+    paths = layout(folder_pattern="{target}/{PatientID}/{task_id}").paths(job)
+    assert paths.final == f"/srv/t/_.._etc/{TASK}"
+    assert paths.staging == f"/srv/t/_.._etc/.{TASK}.partial"
+    assert layout().base == "/srv"
 
 
 # -- the marker ---------------------------------------------------------------------------------
@@ -141,24 +147,21 @@ def test_plan_by_file_name_reads_no_header(tmp_path: Path) -> None:
     files = [tmp_path / "a.dcm", tmp_path / "b.dcm"]
     for path in files:
         path.write_bytes(b"not DICOM, never read")
-    planned, failed = remote_layout.plan(
-        job_of(files), TagPattern.parse("{target}-{filename}"), "t"
-    )
-    assert failed == {}
-    assert planned == {"t-a.dcm": files[0], "t-b.dcm": files[1]}
+    plan = layout("{target}-{filename}").plan(job_of(files))
+    assert plan.failed == {}
+    assert plan.files == {"t-a.dcm": files[0], "t-b.dcm": files[1]}
+    assert plan.paths == series_paths("/srv", TASK, TASK)
 
 
 def test_plan_by_header_tags(tmp_path: Path) -> None:
     files = make_series(tmp_path / "s", 3)
-    planned, failed = remote_layout.plan(
-        job_of(files), TagPattern.parse("{target}/{SeriesNumber}/{SOPInstanceUID}.dcm"), "t"
-    )
-    assert failed == {}
+    plan = layout("{target}/{SeriesNumber}/{SOPInstanceUID}.dcm").plan(job_of(files))
+    assert plan.failed == {}
     expected = {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         expected[f"t/{ds.SeriesNumber}/{ds.SOPInstanceUID}.dcm"] = path
-    assert planned == expected
+    assert plan.files == expected
 
 
 @pytest.mark.parametrize(
@@ -183,15 +186,21 @@ def test_plan_names_the_files_that_cannot_be_sent(
     else:
         bad = tmp_path / "s" / "gone.dcm"
         pattern = "{filename}"
-    planned, failed = remote_layout.plan(job_of([*files, bad]), TagPattern.parse(pattern), "t")
-    assert list(failed) == [bad.name] and reason in failed[bad.name]
-    assert sorted(planned.values()) == sorted(files)
+    plan = layout(pattern).plan(job_of([*files, bad]))
+    assert list(plan.failed) == [bad.name] and reason in plan.failed[bad.name]
+    assert sorted(plan.files.values()) == sorted(files)
     if problem == "same path":
-        assert "include {SOPInstanceUID} or {filename}" in failed[bad.name]
+        assert "include {SOPInstanceUID} or {filename}" in plan.failed[bad.name]
+
+
+def plan_of(files: dict[str, Path], failed: dict[str, str] | None = None) -> DeliveryPlan:
+    job = job_of(list(files.values()))
+    return DeliveryPlan(job, "t", series_paths("/srv", TASK, TASK), files, dict(failed or {}))
 
 
 def test_incomplete_fails_the_job_at_once_without_sending() -> None:
-    result = remote_layout.incomplete({"a.dcm": "cannot read", "b.dcm": "missing"})
+    failed = {"a.dcm": "cannot read", "b.dcm": "missing"}
+    result = plan_of({}, failed).incomplete()
     assert result.permanent and result.delivered == []
     assert result.failed == {"a.dcm": "cannot read", "b.dcm": "missing"}
     assert result.error == (
@@ -214,7 +223,7 @@ class _Log:
 def test_delivered_logs_and_reports_every_planned_file(already: bool, event: str) -> None:
     log = _Log()
     planned = {"1/a.dcm": Path("/job/a.dcm"), "1/b.dcm": Path("/job/b.dcm")}
-    result = remote_layout.delivered(log, "t", TASK, "/srv/x", planned, 1, already_complete=already)
+    result = plan_of(planned).delivered(log, "/srv/x", 1, already_complete=already)
     assert result.delivered == ["a.dcm", "b.dcm"] and not result.failed and not result.error
     assert log.lines == [
         (

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from posixpath import basename, dirname, join, normpath
-from typing import Any
+from typing import Any, Protocol
 
 from mercure.instances import InstanceIndex
 from mercure.patterns import TagPattern
@@ -105,14 +105,6 @@ def series_paths(folder: str, relative: str, task_id: str) -> SeriesPaths:
     )
 
 
-def job_paths(
-    job: DeliveryJob, folder: str, folder_pattern: TagPattern, target: str
-) -> SeriesPaths:
-    """The job's remote folders, from the series' tags (the same on every retry)."""
-    values = {**job.tags, "task_id": job.task_id, "target": target}
-    return series_paths(folder, folder_pattern.render(values), job.task_id)
-
-
 # -- the completion marker -----------------------------------------------------------------------
 
 
@@ -140,76 +132,117 @@ def marker_probe(task_id: str) -> str:
     return json.dumps({"task_id": task_id})[1:-1]
 
 
-# -- what to send --------------------------------------------------------------------------------
+# -- what to send ----------------------------------------------------------------------------
 
 
-def plan(
-    job: DeliveryJob, file_pattern: TagPattern, target: str
-) -> tuple[dict[str, Path], dict[str, str]]:
-    """Relative path in the job's folder -> local file; and the files that cannot be sent.
+class LayoutSettings(Protocol):
+    """The settings a layout is made of (``SSHFolderTargetConfig`` has them)."""
 
-    Headers are read only when ``file_pattern`` needs more than the file name. A file that
-    cannot be read, is missing, or renders to the path of another one is in the second map
-    with the reason.
-    """
-    index: InstanceIndex | None = None
-    if not set(file_pattern.fields) <= JOB_FIELDS:
-        index = job.index()
-    planned: dict[str, Path] = {}
-    failed: dict[str, str] = {}
-    for path in job.files:
-        if index is not None:
-            if path.name in index.unreadable:
-                failed[path.name] = index.unreadable[path.name]
+    @property
+    def folder(self) -> str: ...
+
+    @property
+    def folder_pattern(self) -> TagPattern: ...
+
+    @property
+    def file_pattern(self) -> TagPattern: ...
+
+
+@dataclass(frozen=True)
+class DeliveryPlan:
+    """One job's folders, what to send where, and what cannot be sent (with the reason)."""
+
+    job: DeliveryJob
+    target: str
+    paths: SeriesPaths
+    #: Relative path in the job's folder -> local file.
+    files: dict[str, Path]
+    #: File name -> why it cannot be sent.
+    failed: dict[str, str]
+
+    def incomplete(self) -> DeliveryResult:
+        """The result when some instances cannot be sent: a series without them must not
+        appear as complete, so nothing is sent and the job fails at once."""
+        return DeliveryResult(
+            failed=self.failed,
+            error=f"not sent: the series would be incomplete without {len(self.failed)} "
+            "instance(s) that cannot be sent",
+            permanent=True,
+        )
+
+    def delivered(
+        self, log: Any, folder: str, uploaded: int, *, already_complete: bool
+    ) -> DeliveryResult:
+        """Log the series published in ``folder`` (or found complete from an earlier try,
+        ``already_complete``) and report every file delivered."""
+        log.info(
+            "series was complete already" if already_complete else "series delivered",
+            target=self.target,
+            task_id=self.job.task_id,
+            folder=folder,
+            uploaded=uploaded,
+            already_there=len(self.files) - uploaded,
+        )
+        return DeliveryResult(delivered=[p.name for p in self.files.values()])
+
+
+@dataclass(frozen=True)
+class RemoteLayout:
+    """Where the jobs of one target go: its folder and patterns, and the target's name."""
+
+    folder: str
+    folder_pattern: TagPattern
+    file_pattern: TagPattern
+    target: str
+
+    @classmethod
+    def of(cls, settings: LayoutSettings, target: str) -> RemoteLayout:
+        return cls(settings.folder, settings.folder_pattern, settings.file_pattern, target)
+
+    @property
+    def base(self) -> str:
+        """The configured folder as the server's path; it must exist there."""
+        return base_folder(self.folder)
+
+    def paths(self, job: DeliveryJob) -> SeriesPaths:
+        """The job's remote folders, from the series' tags (the same on every retry)."""
+        values = {**job.tags, "task_id": job.task_id, "target": self.target}
+        return series_paths(self.folder, self.folder_pattern.render(values), job.task_id)
+
+    def plan(self, job: DeliveryJob) -> DeliveryPlan:
+        """The job's folders and each file's relative path in it, or why it cannot be sent.
+
+        Headers are read only when ``file_pattern`` needs more than the file name. A file
+        that cannot be read, is missing, or renders to the path of another one is in
+        ``failed`` with the reason.
+        """
+        paths = self.paths(job)
+        pattern = self.file_pattern
+        index: InstanceIndex | None = None
+        if not set(pattern.fields) <= JOB_FIELDS:
+            index = job.index()
+        planned: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        for path in job.files:
+            if index is not None:
+                if path.name in index.unreadable:
+                    failed[path.name] = index.unreadable[path.name]
+                    continue
+                rel = job.render(pattern, index, path.name, target=self.target)
+            else:
+                values = {"filename": path.name, "task_id": job.task_id, "target": self.target}
+                rel = pattern.render(values)
+            if rel in planned:
+                failed[path.name] = (
+                    f"file_pattern gives {rel!r} for both {planned[rel].name} and {path.name}; "
+                    "include {SOPInstanceUID} or {filename}"
+                )
                 continue
-            rel = job.render(file_pattern, index, path.name, target=target)
-        else:
-            values = {"filename": path.name, "task_id": job.task_id, "target": target}
-            rel = file_pattern.render(values)
-        if rel in planned:
-            failed[path.name] = (
-                f"file_pattern gives {rel!r} for both {planned[rel].name} and {path.name}; "
-                "include {SOPInstanceUID} or {filename}"
-            )
-            continue
-        if not path.is_file():
-            failed[path.name] = f"{path} is missing from the job folder"
-            continue
-        planned[rel] = path
-    return planned, failed
-
-
-def incomplete(failed: dict[str, str]) -> DeliveryResult:
-    """The result when some instances cannot be sent: a series without them must not appear
-    as complete, so nothing is sent and the job fails at once."""
-    return DeliveryResult(
-        failed=failed,
-        error=f"not sent: the series would be incomplete without {len(failed)} "
-        "instance(s) that cannot be sent",
-        permanent=True,
-    )
-
-
-def delivered(
-    log: Any,
-    target: str,
-    task_id: str,
-    folder: str,
-    planned: dict[str, Path],
-    uploaded: int,
-    *,
-    already_complete: bool,
-) -> DeliveryResult:
-    """Log a published series (or one found complete from an earlier try); all delivered."""
-    log.info(
-        "series was complete already" if already_complete else "series delivered",
-        target=target,
-        task_id=task_id,
-        folder=folder,
-        uploaded=uploaded,
-        already_there=len(planned) - uploaded,
-    )
-    return DeliveryResult(delivered=[p.name for p in planned.values()])
+            if not path.is_file():
+                failed[path.name] = f"{path} is missing from the job folder"
+                continue
+            planned[rel] = path
+        return DeliveryPlan(job, self.target, paths, planned, failed)
 
 
 __all__ = [
@@ -217,17 +250,16 @@ __all__ = [
     "MARKER",
     "PER_INSTANCE",
     "STAGING_SUFFIX",
+    "DeliveryPlan",
+    "LayoutSettings",
+    "RemoteLayout",
     "SeriesPaths",
     "base_folder",
     "check_file_pattern",
     "check_folder_pattern",
-    "delivered",
-    "incomplete",
-    "job_paths",
     "marker_names",
     "marker_probe",
     "marker_record",
     "marker_text",
-    "plan",
     "series_paths",
 ]

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 class TestRsyncTransfer(SSHFolderTransferTests):
     target_type = "rsync"
+    programs = {"rsync": "rsync"}
     login_failure_logged = "login failed"
     secrets_series = {"count": 150, "rows": 128, "columns": 128}
     helper_marker = "mercure-rsync-"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mercure.testing import OpenSSHServer, make_series
-from mercure.testing_ssh_targets import SSHFolderDeliveryTests, deliver_once
+from mercure.testing import OpenSSHServer
+from mercure.testing_ssh_targets import SSHFolderDeliveryTests, SSHTargetEnv
 from mercure_target_sftp.layout import part_name
 
 pytestmark = pytest.mark.peer
@@ -38,8 +38,7 @@ class TestSftpDelivery(SSHFolderDeliveryTests):
     def check_connection_line(self, line: str, server: OpenSSHServer) -> None:
         assert server.fingerprint in line
 
-
-def test_encrypted_key_without_passphrase_says_so(dispatch_env, settings, ssh_account, tmp_path):
-    env = dispatch_env.start({"t": settings(key_file=str(ssh_account.encrypted_key))})
-    _ref, where, task = deliver_once(env, make_series(tmp_path / "series", 1))
-    assert where.state == "error" and "set key_passphrase" in (task.error or "")
+    def test_encrypted_key_without_passphrase_says_so(self, ssh: SSHTargetEnv) -> None:
+        ssh.start(key_file=str(ssh.account.encrypted_key))
+        _ref, where, task = ssh.send(ssh.series("series", 1))
+        assert where.state == "error" and "set key_passphrase" in (task.error or "")

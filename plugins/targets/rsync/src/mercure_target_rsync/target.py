@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mercure import remote_layout
 from mercure.logs import get_logger
-from mercure.remote_layout import SeriesPaths, marker_probe, marker_record
+from mercure.remote_layout import RemoteLayout, base_folder, marker_probe, marker_record
 from mercure.targets import DeliveryJob, DeliveryResult, PermanentTargetError, Target
 
 from mercure_target_rsync import remote
@@ -33,22 +32,12 @@ class RsyncTarget(Target[RsyncTargetConfig]):
     wrapper, askpass socket and child processes, and shares nothing with the others.
     """
 
-    def paths(self, job: DeliveryJob) -> SeriesPaths:
-        """The job's remote folders, from the series' tags (the same on every retry)."""
-        return remote_layout.job_paths(
-            job, self.config.folder, self.config.folder_pattern, self.name
-        )
-
-    def plan(self, job: DeliveryJob) -> tuple[dict[str, Path], dict[str, str]]:
-        """Relative path in the job's folder -> local file; and files that cannot be sent."""
-        return remote_layout.plan(job, self.config.file_pattern, self.name)
-
     def send(self, job: DeliveryJob) -> DeliveryResult:
         rsync = program(self.config.rsync_path, "rsync")
-        paths = self.paths(job)
-        planned, failed = self.plan(job)
-        if failed:
-            return remote_layout.incomplete(failed)
+        plan = RemoteLayout.of(self.config, self.name).plan(job)
+        if plan.failed:
+            return plan.incomplete()
+        paths, planned = plan.paths, plan.files
         with SshContext(self.config, self.name) as ssh:
             answer = ssh.remote(
                 "preparing the series folder",
@@ -99,9 +88,7 @@ class RsyncTarget(Target[RsyncTargetConfig]):
                     permanent_codes=(),
                     timeout=max(self.config.timeout * 10, 600),
                 )
-        return remote_layout.delivered(
-            log, self.name, job.task_id, final, planned, uploaded, already_complete=done is not None
-        )
+        return plan.delivered(log, final, uploaded, already_complete=done is not None)
 
     def _rsync(self, ssh: SshContext, rsync: str, planned: dict[str, Path], dest: str) -> int:
         """Send ``planned`` into ``dest`` on the server; returns how many files were sent."""
@@ -132,7 +119,7 @@ class RsyncTarget(Target[RsyncTargetConfig]):
 
     def test_connection(self) -> str:
         program(self.config.rsync_path, "rsync")
-        base = remote_layout.base_folder(self.config.folder)
+        base = base_folder(self.config.folder)
         with SshContext(self.config, self.name) as ssh:
             out = ssh.remote(
                 "checking the target folder",

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 from posixpath import join
 
 import paramiko
-from mercure import remote_layout
 from mercure.lifecycle import PluginContext
 from mercure.logs import get_logger
-from mercure.remote_layout import MARKER, SeriesPaths, marker_names, marker_text
+from mercure.remote_layout import (
+    MARKER,
+    RemoteLayout,
+    SeriesPaths,
+    base_folder,
+    marker_names,
+    marker_text,
+)
 from mercure.targets import (
     DeliveryJob,
     DeliveryResult,
@@ -74,25 +79,13 @@ class SftpTarget(Target[SftpTargetConfig]):
             log=log.bind(target=self.name),
         )
 
-    # -- layout -------------------------------------------------------------------------------
-
-    def paths(self, job: DeliveryJob) -> SeriesPaths:
-        """The job's remote folders, from the series' tags (the same on every retry)."""
-        return remote_layout.job_paths(
-            job, self.config.folder, self.config.folder_pattern, self.name
-        )
-
-    def plan(self, job: DeliveryJob) -> tuple[dict[str, Path], dict[str, str]]:
-        """Relative path in the job's folder -> local file; and files that cannot be sent."""
-        return remote_layout.plan(job, self.config.file_pattern, self.name)
-
     # -- delivery -----------------------------------------------------------------------------
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
-        paths = self.paths(job)
-        planned, failed = self.plan(job)
-        if failed:
-            return remote_layout.incomplete(failed)
+        plan = RemoteLayout.of(self.config, self.name).plan(job)
+        if plan.failed:
+            return plan.incomplete()
+        paths, planned = plan.paths, plan.files
         with self.connect() as session:
             if not session.is_dir(paths.base):
                 raise PermanentTargetError(
@@ -116,9 +109,7 @@ class SftpTarget(Target[SftpTargetConfig]):
                 session.put(local, join(dest, rel), size)
                 sent += 1
             final = done or self._publish(session, paths, job.task_id)
-        return remote_layout.delivered(
-            log, self.name, job.task_id, final, planned, sent, already_complete=done is not None
-        )
+        return plan.delivered(log, final, sent, already_complete=done is not None)
 
     def _own_complete(self, session: Session, paths: SeriesPaths, task_id: str) -> str | None:
         """The final folder of this job if an earlier try published it (crash before record)."""
@@ -150,7 +141,7 @@ class SftpTarget(Target[SftpTargetConfig]):
     def test_connection(self) -> str:
         cfg = self.config
         with self.connect() as session:
-            base = remote_layout.base_folder(cfg.folder)
+            base = base_folder(cfg.folder)
             if not session.is_dir(base):
                 raise PermanentTargetError(f"folder {base} does not exist on {session.where}")
             probe = join(base, f".mercure-probe-{uuid.uuid4().hex}")
