@@ -1,7 +1,8 @@
 """The rsync target's settings and its error mapping (no server needed).
 
-The fields every SSH target shares, their defaults and checks are tested with the core
-(``core/tests/test_ssh_settings.py``); here: that this target has them, and its own.
+The settings it shares with every SSH target (``mercure.ssh_settings``) are tested in the
+core; here what is the rsync target's own: run_on_complete, chmod, the local programs, and
+host and user names that ssh could mistake for options.
 """
 
 from __future__ import annotations
@@ -23,14 +24,8 @@ MERCURE = {"target_type": "rsync", "folder": "/data/in", "user": "mercure", "hos
 
 def test_mercure_fields_and_defaults() -> None:
     cfg = RsyncTargetConfig.model_validate(MERCURE)
-    assert isinstance(cfg, SSHFolderTargetConfig)
-    assert cfg.model_dump(include={"folder", "user", "host", "password", "run_on_complete"}) == {
-        "folder": "/data/in",
-        "user": "mercure",
-        "host": "hpc.example",
-        "password": None,
-        "run_on_complete": False,
-    }
+    assert isinstance(cfg, SSHFolderTargetConfig) and cfg.password is None
+    assert cfg.model_dump(include=set(MERCURE)) == MERCURE and cfg.run_on_complete is False
     assert cfg.port == 22 and cfg.timeout == 60 and cfg.chmod == "D770,F660" and cfg.compress
     assert (cfg.rsync_path, cfg.ssh_path) == ("rsync", "ssh")
 

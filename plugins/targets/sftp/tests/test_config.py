@@ -1,7 +1,7 @@
-"""The sftp target's settings: mercure's fields load unchanged, bad values fail at load time.
+"""The sftp target's settings: an existing mercure.json loads unchanged, bad values fail.
 
-The fields every SSH target shares, their defaults and checks are tested with the core
-(``core/tests/test_ssh_settings.py``); here: that this target has them, and its own.
+What it shares with every SSH target (``mercure.ssh_settings``: login, host key, layout,
+their defaults and checks) is tested in the core; here only that it has them, and its timeout.
 """
 
 from __future__ import annotations
@@ -19,36 +19,25 @@ from pydantic import ValidationError
 MERCURE = {"target_type": "sftp", "folder": "/data/in", "user": "mercure", "host": "sftp.example"}
 
 
-def test_mercure_fields_and_defaults() -> None:
-    cfg = SftpTargetConfig.model_validate(MERCURE)
-    assert isinstance(cfg, SSHFolderTargetConfig)
-    assert cfg.model_dump(include={"folder", "user", "host", "password", "port", "timeout"}) == {
-        "folder": "/data/in",
-        "user": "mercure",
-        "host": "sftp.example",
-        "password": None,
-        "port": 22,
-        "timeout": 30.0,
-    }
-    assert cfg.folder_pattern.text == "{task_id}" and cfg.file_pattern.text == "{filename}"
-
-
-def test_registered_through_the_entry_point(plugin_manager, register_plugin) -> None:
-    register_plugin(plugin, "target_sftp")
-    entry = plugin_manager.registry.get("target", "sftp")
+def test_the_entry_point_registers_sftp_and_mercure_json_loads_unchanged() -> None:
+    registry = build_plugin_manager().registry  # the installed entry points, as at start
+    entry = registry.get("target", "sftp")
     assert entry.implementation is plugin.SftpTarget and entry.config_model is SftpTargetConfig
-
-
-def test_a_mercure_configuration_loads_unchanged() -> None:
-    registry = build_plugin_manager().registry
     data = {
         "targets": {"cluster": {**MERCURE, "password": "secret", "contact": "it@example"}},
         "rules": {"all": {"rule": "True", "target": "cluster"}},
     }
     config, _warnings = validate_config(data, registry)
     target = config.targets["cluster"]
-    assert isinstance(target, SftpTargetConfig) and target.password == "secret"
-    assert target.contact == "it@example"
+    assert isinstance(target, SftpTargetConfig) and isinstance(target, SSHFolderTargetConfig)
+    assert target.model_dump(include=set(MERCURE)) == MERCURE
+    assert (target.password, target.contact, target.port, target.timeout) == (
+        "secret",
+        "it@example",
+        22,
+        30.0,
+    )
+    assert (target.folder_pattern.text, target.file_pattern.text) == ("{task_id}", "{filename}")
 
 
 @pytest.mark.parametrize(
