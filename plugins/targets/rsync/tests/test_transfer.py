@@ -1,6 +1,6 @@
 """Whole series with rsync over ssh: a watching reader, a killed server, secrets kept secret.
 
-The tests come from :mod:`mercure.testing_ssh_targets`. rsync and ssh run as child
+The tests come from :mod:`mercure.testing_ssh_transfer`. rsync and ssh run as child
 processes: the secrets test must see them run (and none of them show a secret), and each
 send's private folder (askpass socket, key copy) must be gone afterwards.
 """
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from mercure.testing_ssh_targets import SSHFolderTransferTests
+from mercure.testing_ssh_transfer import SSHFolderTransferTests
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
