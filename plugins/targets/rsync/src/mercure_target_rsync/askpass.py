@@ -14,17 +14,46 @@ asks for a password (the server's identity was verified before ssh asks).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 CLIENT = Path(__file__).with_name("askpass_client.py")
 MAX_PROMPT = 4096
+
+
+_SCRIPT_LOCK = threading.Lock()
+_SCRIPT: Path | None = None
+
+
+def shared_script() -> Path:
+    """The helper script ssh runs, written once per process and reused by every send.
+
+    Its text is the same for every job (the socket comes in ``MERCURE_ASKPASS_SOCKET``).
+    Writing it per job would race: a script executed while another thread's fork still holds
+    it open for writing fails with "Text file busy" (ETXTBSY).
+    """
+    global _SCRIPT
+    with _SCRIPT_LOCK:
+        if _SCRIPT is None or not _SCRIPT.exists():
+            folder = Path(tempfile.mkdtemp(prefix="mercure-askpass-"))  # mode 0700
+            script = folder / "askpass"
+            script.write_text(
+                f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S "
+                f'{shlex.quote(str(CLIENT))} "$@"\n'
+            )
+            script.chmod(0o700)
+            atexit.register(shutil.rmtree, folder, True)
+            _SCRIPT = script
+        return _SCRIPT
 
 
 class AskpassServer:
@@ -43,7 +72,7 @@ class AskpassServer:
         self.passphrase = passphrase or None
         self.key_file = key_file
         self.socket_path = folder / "askpass.sock"
-        self.script = folder / "askpass"
+        self.script = Path()
         self.answered: list[str] = []  # the kind of each answer given, for tests and logs
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -57,10 +86,7 @@ class AskpassServer:
         sock.listen(8)
         sock.settimeout(0.2)
         self._sock = sock
-        self.script.write_text(
-            f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(CLIENT))} "$@"\n'
-        )
-        self.script.chmod(0o700)
+        self.script = shared_script()
         self._thread = threading.Thread(target=self._serve, name="rsync-askpass", daemon=True)
         self._thread.start()
         return {

@@ -144,6 +144,16 @@ class SshContext:
         self.wrapper.write_text("#!/bin/sh\nexec " + shlex.join([ssh, *options]) + ' "$@"\n')
         self.wrapper.chmod(0o700)
 
+    @property
+    def ssh_command(self) -> list[str]:
+        """The wrapper, run by ``/bin/sh`` rather than executed itself.
+
+        Executing a script that was just written fails with "Text file busy" (ETXTBSY) when
+        another thread forks while the file is still open for writing in this process; a
+        shell that only reads it is immune, and several jobs send at once.
+        """
+        return ["/bin/sh", str(self.wrapper)]
+
     def _key_file(self) -> str | None:
         cfg = self.config
         if cfg.key_file:
@@ -318,7 +328,7 @@ class SshContext:
         command = " ".join(["sh", "-c", shlex.quote(script), "mercure", *map(shlex.quote, args)])
         done = self.run(
             what,
-            [str(self.wrapper), "--", self.config.host, command],
+            [*self.ssh_command, "--", self.config.host, command],
             timeout=timeout or self.config.timeout * 4,
             meanings=meanings,
             permanent_codes=permanent_codes,

@@ -12,6 +12,7 @@ authentication and host keys.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from mercure.logs import get_logger
@@ -109,7 +110,7 @@ class RsyncTarget(Target[RsyncTargetConfig]):
             f"--timeout={self.config.timeout}",
             "--out-format=%n",
             "-e",
-            str(ssh.wrapper),
+            shlex.join(ssh.ssh_command),
         ]
         if self.config.compress:
             argv.append("--compress")
