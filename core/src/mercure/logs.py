@@ -59,6 +59,12 @@ def configure_logging(level: str = "INFO", fmt: Format | None = None) -> None:
     logging.getLogger("pynetdicom").setLevel(
         os.environ.get("MERCURE_PYNETDICOM_LOG_LEVEL", "WARNING").upper()
     )
+    # httpx logs every request at INFO: plugins that poll (a Nomad runner, a DICOMweb target)
+    # would drown the router's own lines.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(
+            os.environ.get("MERCURE_HTTP_LOG_LEVEL", "WARNING").upper()
+        )
     _configured = True
 
 
