@@ -36,7 +36,8 @@ esac
 
 sleep "${SLEEP:-0}"
 
-marker=$(grep -o '"marker": *"[^"]*"' "$in_dir/task.json" | sed 's/.*: *"\(.*\)"/\1/')
+# process.settings (the merged settings) comes after module_config in task.json: the last one.
+marker=$(grep -o '"marker": *"[^"]*"' "$in_dir/task.json" | tail -n 1 | sed 's/.*: *"\(.*\)"/\1/')
 network=$(nc -w 3 192.0.2.1 9 < /dev/null 2>&1; echo "exit $?")
 network=$(echo "$network" | tr '\n"\\' '   ')
 count=0
