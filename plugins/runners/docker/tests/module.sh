@@ -7,7 +7,8 @@
 # reached it, and what happened when it tried to open a network connection.
 #
 # BEHAVIOUR (from the module's `environment`): copy (default), fail (exit 3), hang (sleep,
-# dies on SIGTERM), stubborn (ignores SIGTERM), nothing (exit 0, no output).
+# dies on SIGTERM), stubborn (ignores SIGTERM), nothing (exit 0, no output), chatty (a long
+# log, then copy), hungry (takes 200 MB of memory, then copy).
 # SLEEP: seconds to sleep before writing. RUNS: a file to append "start"/"end" lines to.
 set -u
 in_dir="$MERCURE_IN_DIR"
@@ -32,6 +33,14 @@ case "$behaviour" in
   nothing)
     echo "writing nothing"
     exit 0 ;;
+  chatty)
+    i=0
+    while [ $i -lt 3000 ]; do echo "line $i of a long log"; i=$((i + 1)); done
+    echo "the last line" ;;
+  hungry)
+    echo "taking 200 MB"
+    big=$(head -c 200000000 /dev/zero | tr '\0' a)
+    echo "got ${#big} bytes" ;;
 esac
 
 sleep "${SLEEP:-0}"

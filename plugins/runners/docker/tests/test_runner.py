@@ -368,3 +368,50 @@ def test_a_new_instance_removes_containers_whose_job_moved_on(
     labelled = docker_client.containers.list(all=True, filters={"label": f"{L_RUNNER}=sweeper"})
     assert [c.name for c in labelled] == ["mercure-kept-a1-s0"]
     runner.cleanup(kept_handle)
+
+
+def test_the_end_of_a_long_log_is_kept(
+    docker_engine: DockerEngine, module_image: str, tmp_path: Path
+) -> None:
+    runner = make_runner(docker_engine, tmp_path, max_log_bytes=2048)
+    run = make_run(tmp_path, module_image, env={"BEHAVIOUR": "chatty"})
+    handle = runner.launch(run)
+    outcome = wait_outcome(runner, handle)
+    assert outcome.succeeded, outcome
+    assert outcome.log.startswith("[... ") and "earlier bytes not kept" in outcome.log
+    assert outcome.log.rstrip().endswith("copied 2 instance(s)")
+    assert "line 0 of" not in outcome.log and len(outcome.log) < 2200
+    runner.cleanup(handle)
+
+
+def test_a_module_over_its_memory_limit_fails_with_the_reason(
+    docker_engine: DockerEngine, module_image: str, tmp_path: Path
+) -> None:
+    runner = make_runner(docker_engine, tmp_path, mem_limit="32m")
+    run = make_run(
+        tmp_path,
+        module_image,
+        env={"BEHAVIOUR": "hungry"},
+        docker_arguments=json.dumps({"memswap_limit": "32m"}),
+    )
+    handle = runner.launch(run)
+    outcome = wait_outcome(runner, handle)
+    assert outcome.exit_code is None, outcome
+    assert outcome.error == "killed by the kernel: out of memory (memory limit 32 MiB)"
+    assert "taking 200 MB" in outcome.log
+    runner.cleanup(handle)
+
+
+def test_an_unreachable_engine_is_a_runner_error(tmp_path: Path, module_image: str) -> None:
+    settings = DockerRunnerSettings(docker_url=f"unix://{tmp_path}/nothing.sock", api_timeout=5)
+    runner = DockerRunner("docker", settings, PluginContext("runner", "docker"))
+    runner.start()  # logs the problem; the processor goes on and the runs say why
+    run = make_run(tmp_path, module_image)
+    with pytest.raises(RunnerError, match="cannot reach the docker engine at unix://"):
+        runner.launch(run)
+    handle = json.dumps({"container": "0123456789ab", "name": "mercure-x"})
+    with pytest.raises(RunnerError, match="cannot reach the docker engine"):
+        runner.wait(handle, 0.1)
+    with pytest.raises(RunnerError, match="cannot reach the docker engine"):
+        runner.cancel(handle)
+    runner.close()

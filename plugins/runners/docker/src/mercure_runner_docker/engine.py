@@ -57,7 +57,7 @@ def make_client(settings: DockerRunnerSettings) -> docker.DockerClient:
         )
     except DockerException as exc:
         raise RunnerError(
-            f"docker runner: cannot use the engine at {endpoint(settings)}: {exc}"
+            f"cannot reach the docker engine at {endpoint(settings)}: {exc}"
         ) from None
 
 
