@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -132,11 +133,13 @@ def docker_engine() -> Iterator[DockerEngine]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _rootfs_tar() -> bytes:
-    """A root file system: static busybox, its applets, ``/module.sh`` and a world-writable /tmp."""
+def _rootfs_tar(files: dict[str, bytes] | None = None) -> bytes:
+    """A root file system: static busybox, its applets, ``/module.sh``, a world-writable /tmp
+    and ``files`` (path -> content; their folders must be in the list below)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for folder, mode in (("bin", 0o755), ("tmp", 0o1777), ("etc", 0o755)):
+        folders = (("bin", 0o755), ("tmp", 0o1777), ("etc", 0o755), ("etc/monai", 0o755))
+        for folder, mode in folders:
             info = tarfile.TarInfo(folder)
             info.type, info.mode = tarfile.DIRTYPE, mode
             tar.addfile(info)
@@ -150,7 +153,22 @@ def _rootfs_tar() -> bytes:
         info.size, info.mode = len(passwd), 0o644
         tar.addfile(info, io.BytesIO(passwd))
         tar.add(str(MODULE_SCRIPT), "module.sh")
+        for name, content in (files or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(content), 0o644
+            tar.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
+
+
+def _import(engine: DockerEngine, image: str, rootfs: bytes, changes: list[str]) -> str:
+    client = engine.client()
+    try:
+        repository, tag = image.rsplit(":", 1)
+        client.api.import_image_from_data(rootfs, repository=repository, tag=tag, changes=changes)
+        client.images.get(image)
+    finally:
+        client.close()
+    return image
 
 
 @pytest.fixture(scope="session")
@@ -158,19 +176,21 @@ def module_image(docker_engine: DockerEngine) -> str:
     """The test module's image on the engine (``CMD ["/bin/sh", "/module.sh"]``)."""
     if not BUSYBOX.exists():
         pytest.skip("busybox is not installed (apt-get install busybox-static)")
-    client = docker_engine.client()
-    try:
-        repository, tag = IMAGE.rsplit(":", 1)
-        client.api.import_image_from_data(
-            _rootfs_tar(),
-            repository=repository,
-            tag=tag,
-            changes=['CMD ["/bin/sh", "/module.sh"]', "ENV PATH=/bin"],
-        )
-        client.images.get(IMAGE)
-    finally:
-        client.close()
-    return IMAGE
+    return _import(
+        docker_engine, IMAGE, _rootfs_tar(), ['CMD ["/bin/sh", "/module.sh"]', "ENV PATH=/bin"]
+    )
+
+
+@pytest.fixture(scope="session")
+def monai_image(docker_engine: DockerEngine, module_image: str) -> str:
+    """A MONAI Application Package: its manifest names the command; its own would fail."""
+    manifest = json.dumps({"command": ["/bin/sh", "/module.sh"]}).encode()
+    return _import(
+        docker_engine,
+        "mercure-test/monai-map:1",
+        _rootfs_tar({"etc/monai/app.json": manifest}),
+        ['ENTRYPOINT ["/bin/false"]', 'CMD ["/bin/false"]', "ENV PATH=/bin"],
+    )
 
 
 @pytest.fixture

@@ -415,3 +415,19 @@ def test_an_unreachable_engine_is_a_runner_error(tmp_path: Path, module_image: s
     with pytest.raises(RunnerError, match="cannot reach the docker engine"):
         runner.cancel(handle)
     runner.close()
+
+
+def test_a_monai_application_package_runs_its_manifest_command_as_root(
+    docker_engine: DockerEngine, monai_image: str, module_image: str, tmp_path: Path
+) -> None:
+    runner = make_runner(docker_engine, tmp_path)
+    with pytest.raises(RunnerError, match="MONAI Application Package, which runs as root"):
+        runner.launch(make_run(tmp_path, monai_image, run_id="map-a1-s0"))
+    run = replace(make_run(tmp_path, monai_image, run_id="map-a1-s1"), allow_root=True)
+    handle = runner.launch(run)
+    outcome = wait_outcome(runner, handle)
+    assert outcome.succeeded, outcome
+    assert result_of(run)["uid"] == 0 and result_of(run)["copied"] == 2
+    assert all(p.stat().st_uid == os.geteuid() for p in run.output_folder.iterdir())
+    runner.cleanup(handle)
+    assert runner.images.monai_manifest(module_image) is None  # an ordinary image

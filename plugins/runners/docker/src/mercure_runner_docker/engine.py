@@ -8,14 +8,17 @@ processes sharing a spool, and a restarted one, keep to that bound together.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.tls import TLSConfig
 from docker.utils import parse_repository_tag
 from mercure.fsutil import atomic_write_bytes
@@ -24,6 +27,9 @@ from mercure.runners import RunnerError
 
 from mercure_runner_docker.settings import DockerRunnerSettings, PullPolicy
 
+MONAI_MANIFEST = "/etc/monai/app.json"
+"""Where a MONAI Application Package describes itself; mercure runs such images as root with
+the manifest's command."""
 PULL_INTERVAL = 3600.0
 """Seconds between two pulls of one image under ``pull_policy: "hourly"`` (mercure's)."""
 log = get_logger("mercure.runner.docker")
@@ -70,6 +76,7 @@ class Images:
         self.where = where
         self._lock = threading.Lock()
         self._memory: dict[str, float] = {}
+        self._manifests: dict[str, dict[str, Any] | None] = {}
 
     def ensure(self, image: str, policy: PullPolicy) -> None:
         """Return once ``image`` is present; :class:`RunnerError` naming it if it cannot be."""
@@ -99,6 +106,44 @@ class Images:
                 f"image {image!r} is not on the docker engine at {self.where} and pulling it "
                 f"failed: {exc}"
             ) from None
+
+    def monai_manifest(self, image: str) -> dict[str, Any] | None:
+        """The MONAI Application Package manifest of ``image``, or None if it is no MAP.
+
+        Read from a created (never started) container, so nothing of the image runs.
+        """
+        try:
+            image_id = str(self.client.images.get(image).id)
+        except (APIError, DockerException) as exc:
+            raise RunnerError(f"cannot inspect image {image!r} at {self.where}: {exc}") from None
+        with self._lock:
+            if image_id in self._manifests:
+                return self._manifests[image_id]
+        manifest: dict[str, Any] | None = None
+        container = None
+        try:
+            container = self.client.api.create_container(
+                image_id, entrypoint=[""], command=[""], network_disabled=True
+            )
+            stream, _stat = self.client.api.get_archive(container["Id"], MONAI_MANIFEST)
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.next()
+                handle = tar.extractfile(member) if member is not None else None
+                data = json.loads(handle.read()) if handle is not None else None
+            manifest = data if isinstance(data, dict) else {}
+        except NotFound:
+            manifest = None
+        except (APIError, DockerException, tarfile.TarError, ValueError) as exc:
+            raise RunnerError(
+                f"image {image!r} has {MONAI_MANIFEST}, but it cannot be read: {exc}"
+            ) from None
+        finally:
+            if container is not None:
+                with contextlib.suppress(APIError, DockerException):
+                    self.client.api.remove_container(container["Id"], force=True)
+        with self._lock:
+            self._manifests[image_id] = manifest
+        return manifest
 
     def _present(self, image: str) -> bool:
         try:
@@ -146,4 +191,4 @@ class Images:
                 atomic_write_bytes(self.state_file, json.dumps(data).encode(), fsync=False)
 
 
-__all__ = ["PULL_INTERVAL", "Images", "endpoint", "make_client"]
+__all__ = ["MONAI_MANIFEST", "PULL_INTERVAL", "Images", "endpoint", "make_client"]

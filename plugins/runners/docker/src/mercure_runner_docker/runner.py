@@ -24,7 +24,6 @@ import json
 import os
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,8 @@ from mercure.runners import (
 )
 
 from mercure_runner_docker import arguments as module_args
-from mercure_runner_docker.engine import Images, endpoint, make_client
+from mercure_runner_docker.collect import chown_in_container, read_log
+from mercure_runner_docker.engine import MONAI_MANIFEST, Images, endpoint, make_client
 from mercure_runner_docker.ownership import (
     container_identity,
     foreign_paths,
@@ -161,6 +161,8 @@ class DockerRunner(Runner[DockerRunnerSettings]):
             return self._resume(existing, who)
 
         self.images.ensure(image, policy)
+        start_with = self._monai_command(image, who, run.allow_root)
+        as_root = as_root or bool(start_with)
         identity = container_identity(self.settings, as_root)
         open_folders(identity, run.input_folder, run.output_folder)
         env = dict(self.settings.environment)
@@ -213,6 +215,7 @@ class DockerRunner(Runner[DockerRunnerSettings]):
             kwargs["nano_cpus"] = int(self.settings.cpus * 1e9)
         if self.settings.pids_limit:
             kwargs["pids_limit"] = self.settings.pids_limit
+        kwargs.update(start_with)
         kwargs.update(extra)  # the module's allowed arguments win over the runner's limits
 
         try:
@@ -283,6 +286,25 @@ class DockerRunner(Runner[DockerRunnerSettings]):
             self._remove(target)
 
     # -- containers -----------------------------------------------------------------------
+
+    def _monai_command(self, image: str, who: str, allow_root: bool) -> dict[str, Any]:
+        """How to start a MONAI Application Package (as mercure does: its manifest's command,
+        as root); ``{}`` for any other image."""
+        manifest = self.images.monai_manifest(image)
+        if manifest is None:
+            return {}
+        command = manifest.get("command")
+        if not command or not isinstance(command, (str, list)):
+            raise RunnerError(
+                f"{who}: image {image!r} is a MONAI Application Package whose "
+                f"{MONAI_MANIFEST} names no command"
+            )
+        if not allow_root:
+            raise RunnerError(
+                f"{who}: image {image!r} is a MONAI Application Package, which runs as root, "
+                "but support_root_modules is false: set it to true in the configuration"
+            )
+        return {"entrypoint": [""], "command": command}
 
     def _existing(self, name: str, run_id: str) -> dict[str, Any] | None:
         attrs = self._inspect(name)
@@ -381,7 +403,7 @@ class DockerRunner(Runner[DockerRunnerSettings]):
         state = attrs["State"]
         labels = attrs["Config"].get("Labels") or {}
         code = state.get("ExitCode")
-        text = self._logs(attrs["Id"])
+        text = read_log(self.client, attrs["Id"], self.settings.max_log_bytes)
         error: str | None = None
         asked = self._cancel_state(attrs)
         if asked is not None:
@@ -399,29 +421,6 @@ class DockerRunner(Runner[DockerRunnerSettings]):
         if problem:
             error = f"{error}; {problem}" if error else problem
         return RunOutcome(exit_code=None if error else int(code), log=text, error=error)
-
-    def _logs(self, container_id: str) -> str:
-        limit = self.settings.max_log_bytes
-        chunks: deque[bytes] = deque()
-        size = total = 0
-        try:
-            for chunk in self.client.api.logs(container_id, stdout=True, stderr=True, stream=True):
-                chunks.append(chunk)
-                size += len(chunk)
-                total += len(chunk)
-                while size - len(chunks[0]) >= limit:
-                    size -= len(chunks.popleft())
-        except (DockerException, OSError) as exc:
-            return f"[the container's log could not be read: {exc}]"
-        data = b"".join(chunks)
-        if len(data) > limit:
-            data = data[-limit:]
-        text = data.decode("utf-8", errors="replace")
-        if total > len(data):
-            text = (
-                f"[... {total - len(data)} earlier bytes not kept ...]\n" + text.split("\n", 1)[-1]
-            )
-        return text
 
     def _give_back(self, attrs: dict[str, Any], labels: dict[str, str]) -> str | None:
         """Make the output the router's again; what went wrong, or None."""
@@ -448,30 +447,16 @@ class DockerRunner(Runner[DockerRunnerSettings]):
         image = self.settings.chown_image or labels.get(L_IMAGE) or attrs["Config"]["Image"]
         name = attrs["Name"].lstrip("/") + "-chown"
         self._remove(name)
-        helper = self.client.containers.create(
-            image=image,
-            name=name,
-            entrypoint=["chown"],
-            command=["-R", owner, CONTAINER_OUT_DIR],
-            user="0:0",
-            mounts=[Mount(CONTAINER_OUT_DIR, self._host(out), type="bind")],
-            network_mode="none",
-            cap_drop=["ALL"],
-            cap_add=["CHOWN", "DAC_OVERRIDE", "FOWNER"],
-            labels={**labels, L_HELPER: "chown"},
-            detach=True,
-        )
         try:
-            helper.start()
-            result = helper.wait(timeout=self.settings.api_timeout)
-            if int(result.get("StatusCode", 1)) != 0:
-                said = helper.logs().decode("utf-8", errors="replace").strip()
-                raise RunnerError(
-                    f"chown in image {image} exited with {result.get('StatusCode')}: {said} "
-                    "(set chown_image to an image with chown, such as busybox)"
-                )
-        except APIError as exc:
-            raise RunnerError(f"chown in image {image} failed: {_explain(exc)}") from None
+            chown_in_container(
+                self.client,
+                image,
+                name,
+                self._host(out),
+                owner,
+                {**labels, L_HELPER: "chown"},
+                self.settings.api_timeout,
+            )
         finally:
             self._remove(name)
         with contextlib.suppress(OSError):
