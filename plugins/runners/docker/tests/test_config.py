@@ -146,7 +146,7 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValidationError, match="not an absolute folder"):
         DockerRunnerSettings(volume_bases=["relative"])
     with pytest.raises(ValidationError, match="Extra inputs"):
-        DockerRunnerSettings(docker_host="x")  # type: ignore[call-arg]
+        DockerRunnerSettings(docker_host="x")
     assert DockerRunnerSettings(tls_ca_cert="/ca.pem").uses_tls
 
 
