@@ -194,13 +194,12 @@ def parse_resources(text: str | None) -> dict[str, Any]:
 
 
 def _device(block: dict[str, Any], index: int) -> dict[str, Any]:
-    if len(block) != 1:
+    label, body = next(iter(block.items()), ("", None))
+    if len(block) != 1 or not label.startswith('"') or not isinstance(body, dict):
+        # python-hcl2 keeps a label's quotes; an unlabelled block shows its attributes
         raise HclError(f'device {index + 1} needs a name: device "nvidia/gpu" {{ count = 1 }}')
-    ((label, body),) = block.items()
     name = _label(label)
     where = f'device "{name}"'
-    if not isinstance(body, dict):
-        raise HclError(f"{where} must be a block")
     body = dict(body)
     out: dict[str, Any] = {"Name": name, "Count": 1}
     if "count" in body:
