@@ -9,7 +9,9 @@ runner (``httpx.Client`` is thread-safe).
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -31,6 +33,36 @@ CAPABILITIES = {
 Scope = tuple[str, str] | None
 """(namespace, region) of a call; ``None``: the settings'. A run is followed in the
 namespace and region it was dispatched to, even if the settings changed since."""
+
+
+class _QuietPolls(logging.Filter):
+    """Drops httpx's INFO line per request to Nomad: the runner polls every second or so.
+
+    (The core quiets pynetdicom the same way; httpx's request lines belong there too.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or not isinstance(record.args, tuple):
+            return True
+        url = str(record.args[1]) if len(record.args) > 1 else ""
+        return not any(url.startswith(address) for address in self.addresses)
+
+
+_quiet = _QuietPolls()
+_quiet_lock = threading.Lock()
+
+
+def quiet_request_logs(address: str) -> None:
+    """Keep httpx from logging every request to ``address`` at INFO."""
+    with _quiet_lock:
+        logger = logging.getLogger("httpx")
+        if _quiet not in logger.filters:
+            logger.addFilter(_quiet)
+        _quiet.addresses.add(address)
 
 
 class NomadError(RunnerError):
@@ -56,6 +88,7 @@ class NomadAPI:
             verify = ssl.create_default_context(cafile=settings.ca_cert or None)
             if settings.client_cert:
                 verify.load_cert_chain(settings.client_cert, settings.client_key)
+        quiet_request_logs(settings.address)
         self.client = httpx.Client(
             base_url=settings.address,
             headers=headers,
