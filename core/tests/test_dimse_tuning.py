@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
+import pynetdicom
 from mercure import dimse_tuning
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -59,3 +64,61 @@ def test_tuning_can_be_switched_off() -> None:
     )
     env = {**os.environ, "MERCURE_DIMSE_TUNING": "0"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def _pinned_range() -> tuple[str, str]:
+    """The pynetdicom range core/pyproject.toml declares (``>=low,<high``)."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text())
+    spec = next(d for d in data["project"]["dependencies"] if d.startswith("pynetdicom"))
+    found = re.fullmatch(r"pynetdicom>=([\d.]+),<([\d.]+)", spec.replace(" ", ""))
+    assert found, f"pynetdicom must be pinned as >=low,<high in core/pyproject.toml, not {spec}"
+    return found.group(1), found.group(2)
+
+
+def test_the_checked_versions_are_the_pinned_ones_and_the_installed_one_is_checked() -> None:
+    low, high = _pinned_range()
+    assert (dimse_tuning._version(low), dimse_tuning._version(high)) == (
+        dimse_tuning.SUPPORTED_VERSIONS
+    )
+    assert dimse_tuning.version_supported(), f"pynetdicom {pynetdicom.__version__} not in range"
+    assert not dimse_tuning.version_supported("3.1.0")
+    assert not dimse_tuning.version_supported("2.1.2")
+
+
+_UNCHECKED = """
+import json, sys, time
+import pynetdicom, pynetdicom.dul
+pynetdicom.__version__ = "3.1.0"  # a version the tuning was not checked against
+from mercure import dimse_tuning
+from mercure.logs import configure_logging
+configure_logging("INFO", "json")
+run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor
+results = [dimse_tuning.install() for _ in range(3)]
+assert results == [False, False, False], results
+assert pynetdicom.dul.time is time, "pynetdicom was patched anyway"
+assert pynetdicom.dul.DULServiceProvider.run_reactor is run_reactor
+assert not dimse_tuning.active()
+print("RESULT ok", flush=True)
+"""
+
+
+def test_an_unchecked_pynetdicom_version_turns_the_tuning_off_with_one_warning() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _UNCHECKED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MERCURE_LOG_FORMAT": "json"},
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "RESULT ok" in output, output
+    warnings = [
+        json.loads(line)
+        for line in output.splitlines()
+        if line.startswith("{") and '"warning"' in line
+    ]
+    assert len(warnings) == 1, output
+    assert warnings[0]["pynetdicom"] == "3.1.0"
+    assert warnings[0]["checked"] == ">=3.0.0,<3.1.0"

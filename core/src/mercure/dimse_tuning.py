@@ -12,6 +12,10 @@ replaces those short sleeps:
 
 Every wait is bounded, so timers, releases and aborts are still noticed.
 Set ``MERCURE_DIMSE_TUNING=0`` to run pynetdicom unchanged.
+
+The tuning replaces pynetdicom internals, so it is only installed on the pynetdicom versions
+it was checked against (:data:`SUPPORTED_VERSIONS`, the range ``core/pyproject.toml`` pins);
+on any other version it turns itself off with one warning rather than fail or slow down.
 """
 
 from __future__ import annotations
@@ -29,6 +33,35 @@ from collections.abc import Callable
 from typing import Any
 
 _installed = False
+_warned = False
+
+#: ``[low, high)``: the pynetdicom versions whose internals the tuning was checked against.
+SUPPORTED_VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((3, 0, 0), (3, 1, 0))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple([*parts, 0, 0][:3])
+
+
+def version_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed pynetdicom) is one the tuning was checked on."""
+    if version is None:
+        import pynetdicom
+
+        version = str(pynetdicom.__version__)
+    low, high = SUPPORTED_VERSIONS
+    return low <= _version(version) < high
+
+
+def active() -> bool:
+    """Whether the tuning is installed in this process."""
+    return _installed
+
+
 _real_sleep = time.sleep
 
 # How long a reactor may wait for its queue before it re-checks timers and the socket.
@@ -149,10 +182,25 @@ def keep_responses_from_reactor(assoc: Any) -> None:
 
 def install() -> bool:
     """Install the tuning once per process; returns whether it is active."""
-    global _installed
+    global _installed, _warned
     if _installed:
         return True
     if os.environ.get("MERCURE_DIMSE_TUNING", "1").lower() in ("0", "false", "no"):
+        return False
+    if not version_supported():
+        if not _warned:
+            import pynetdicom
+
+            from mercure.logs import get_logger
+
+            low, high = SUPPORTED_VERSIONS
+            get_logger("mercure.dimse_tuning").warning(
+                "DIMSE tuning off: it was not checked against this pynetdicom version; DICOM "
+                "transfers run at pynetdicom's own speed",
+                pynetdicom=str(pynetdicom.__version__),
+                checked=f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}",
+            )
+            _warned = True
         return False
     import pynetdicom.association
     import pynetdicom.dul
