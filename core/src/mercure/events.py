@@ -31,6 +31,11 @@ class TaskEventType(StrEnum):
     MODULE_FINISHED = "process_module_complete"
     PROCESSING_FINISHED = "process_complete"
     PROCESSING_FAILED = "process_fail"
+    # Operator controls from the command line (``extra`` has ``service`` / ``by``). Suspending
+    # and resuming concern a service, not a job: their ``task_id`` is empty.
+    SUSPENDED = "suspend"
+    RESUMED = "resume"
+    MANUAL_DISCARD = "manual_discard"
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,26 @@ def register_monitors(register: RegisterFn) -> None:
 
 
 @hookspec
+def register_services(register: RegisterFn) -> None:
+    """Add service types: long-running parts of ``mercure run`` beside the core services (a
+    web dashboard, an API).
+
+    - **Called** once per plugin manager, when its registry is first used.
+    - **Arguments**: ``register(type_name, SettingsModel, Implementation)``;
+      ``Implementation`` subclasses ``mercure.plugin_services.PluginService``.
+    - **Returns** nothing.
+    - **Then**: ``mercure run`` creates each instance configured under ``plugins.services``
+      (and, with ``--only NAME``, an unconfigured type with its default settings) as
+      ``Implementation(name, settings, context)``, where the context also carries the
+      process's runtime (configuration, job store, plugins, event fan-out); it calls
+      ``start()`` on the main thread after the core services started, which must return
+      once the service serves (from threads of its own), and ``close()`` at shutdown.
+    - **Exceptions**: an exception from ``start()`` stops ``mercure run`` with the reason;
+      registration errors as for ``register_targets``.
+    """
+
+
+@hookspec
 def register_commands(cli: typer.Typer) -> None:
     """Add commands or sub-apps to the ``mercure`` command line.
 

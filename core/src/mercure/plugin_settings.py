@@ -46,6 +46,7 @@ SECTION_KINDS: dict[str, Kind] = {
     "metrics_sinks": "metrics_sink",
     "receivers": "receiver",
     "monitors": "monitor",
+    "services": "service",
 }
 KIND_SECTIONS: dict[Kind, str] = {kind: key for key, kind in SECTION_KINDS.items()}
 

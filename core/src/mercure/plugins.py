@@ -26,6 +26,7 @@ from mercure import PROJECT_NAME, __version__, hookspecs
 from mercure.metrics import MetricsSink
 from mercure.monitors import Monitor
 from mercure.notifiers import Notifier
+from mercure.plugin_services import PluginService
 from mercure.receivers import Receiver
 from mercure.registry import Kind, PluginRegistrationError, Registry, make_register
 from mercure.runners import Runner
@@ -52,6 +53,7 @@ _REGISTRATION_HOOKS: dict[Kind, tuple[str, type]] = {
     "notifier": ("register_notifiers", Notifier),
     "metrics_sink": ("register_metrics_sinks", MetricsSink),
     "monitor": ("register_monitors", Monitor),
+    "service": ("register_services", PluginService),
 }
 
 

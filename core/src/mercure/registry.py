@@ -13,8 +13,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-Kind = Literal["target", "receiver", "runner", "notifier", "metrics_sink", "monitor"]
-KINDS: tuple[Kind, ...] = ("target", "receiver", "runner", "notifier", "metrics_sink", "monitor")
+Kind = Literal["target", "receiver", "runner", "notifier", "metrics_sink", "monitor", "service"]
+KINDS: tuple[Kind, ...] = (
+    "target",
+    "receiver",
+    "runner",
+    "notifier",
+    "metrics_sink",
+    "monitor",
+    "service",
+)
 
 RegisterFn = Callable[[str, "type[BaseModel] | None", type], None]
 """The ``register(type_name, ConfigModel, Implementation)`` callback handed to plugins."""
@@ -40,6 +48,7 @@ KNOWN_DISTRIBUTIONS: dict[Kind, dict[str, str]] = {
     },
     "receiver": {"dicomweb": "mercure-receiver-dicomweb"},
     "monitor": {"bookkeeper": "mercure-monitor-bookkeeper"},
+    "service": {"web": "mercure-web-dashboard"},
 }
 
 

@@ -20,6 +20,7 @@ app = typer.Typer(
 def _build() -> typer.Typer:
     from mercure.cli import (
         config_cmd,
+        control_cmd,
         jobs_cmd,
         ledger_cmd,
         plugins_cmd,
@@ -35,6 +36,7 @@ def _build() -> typer.Typer:
     app.add_typer(rules_cmd.app, name="rules")
     app.add_typer(targets_cmd.app, name="targets")
     jobs_cmd.install(app)
+    control_cmd.install(app)
     ledger_cmd.install(app)
     replay_cmd.install(rules_cmd.app)
 

@@ -11,15 +11,20 @@ import typer
 
 from mercure.cli.context import ConfigOption, die, load
 from mercure.config import Config
-from mercure.events import TaskEvent, TaskEventType
+from mercure.controls import current_user
 from mercure.jobs.claims import claim_owner, is_claimed
 from mercure.jobs.incoming import instance_files
 from mercure.jobs.store import STATES, JobRef, JobStore
 from mercure.jobs.task import Task
 from mercure.ledger.query import JobHistory
-from mercure.processing.folders import processes_of, reset_for_retry
-from mercure.processing.job import FAIL_STAGE
-from mercure.processing.record import ProcessingRecord, new_record, read_record, write_record
+from mercure.operations import (  # noqa: F401 - failed_in_processing: kept importable here
+    OperationError,
+    discard_job,
+    failed_in_processing,
+    retry_job,
+)
+from mercure.processing.folders import processes_of
+from mercure.processing.record import ProcessingRecord, read_record
 from mercure.services.runtime import build_runtime
 
 job_app = typer.Typer(help="Show or retry one job.", no_args_is_help=True)
@@ -27,12 +32,7 @@ job_app = typer.Typer(help="Show or retry one job.", no_args_is_help=True)
 
 def _operator() -> str:
     """Who ran the command, for the ledger's record of operator actions."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
+    return current_user()
 
 
 def install(app: typer.Typer) -> None:
@@ -229,62 +229,32 @@ def retry(
 ) -> None:
     """Move a job from error/ back to outgoing/ with its tries reset; delivered files stay done."""
     loaded = load(config)
-    store = JobStore.from_config(loaded.config)
-    ref = store.find(task_id)
-    if ref is None:
-        raise die(f"no job '{task_id}' in any state folder")
-    if ref.state != "error":
-        raise die(f"job {ref.id} is in {ref.state}/, not error/; only failed jobs can be retried")
-    claim = store.claim(ref)
-    if claim is None:
-        raise die(f"job {ref.id} is held by another process; try again in a moment")
-    with claim:
-        try:
-            task = store.read(ref)
-        except (OSError, ValueError) as exc:
-            raise die(
-                f"job {ref.id}: task.json cannot be read ({exc}); repair it, then retry"
-            ) from None
-        if failed_in_processing(ref, task):
-            attempt = retry_processing(store, ref, task)
-            store.move(ref, "processing", claim)
-            build_runtime(loaded.config, loaded.plugins).emit(
-                TaskEvent(
-                    TaskEventType.MANUAL_RETRY,
-                    ref.id,
-                    task.info.uid,
-                    " -> ".join(p.module_name for p in processes_of(task)),
-                    info=f"processing attempt {attempt}",
-                )
-            )
-            typer.echo(
-                f"job {ref.id} moved back to processing/ (attempt {attempt}, from its kept "
-                "inputs); the processor runs it on its next pass"
-            )
-            return
-        d = task.dispatch_state
-        if d is None:
-            raise die(f"job {ref.id} has no dispatch section; it cannot be sent again")
-        task.history.append(
-            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry after: {task.error}"
-        )
-        task.error = None
-        d.retries = 0
-        d.next_retry_at = 0
-        store.write(ref, task)
-        store.move(ref, "outgoing", claim)
     runtime = build_runtime(loaded.config, loaded.plugins)
-    runtime.emit(
-        TaskEvent(
-            TaskEventType.MANUAL_RETRY,
-            ref.id,
-            task.info.uid,
-            ",".join(task.target_names),
-            extra={"operator": _operator()},
-        )
-    )
-    runtime.close()
-    typer.echo(f"job {ref.id} moved back to outgoing/; the dispatcher sends it on its next pass")
+    try:
+        outcome = retry_job(runtime, task_id, operator=_operator(), by="cli")
+    except OperationError as exc:
+        raise die(str(exc)) from None
+    finally:
+        runtime.close()
+    typer.echo(outcome.message)
+
+
+@job_app.command("discard")
+def discard(
+    task_id: str = typer.Argument(..., help="Job id in error/ (a unique prefix is enough)."),
+    reason: str = typer.Option("", help="Why (kept in the task file and the event)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Give up on a job in error/: it moves to discard/ and is kept for the retention period."""
+    loaded = load(config)
+    runtime = build_runtime(loaded.config, loaded.plugins)
+    try:
+        outcome = discard_job(runtime, task_id, operator=_operator(), reason=reason, by="cli")
+    except OperationError as exc:
+        raise die(str(exc)) from None
+    finally:
+        runtime.close()
+    typer.echo(outcome.message)
 
 
 def processing_summary(ref: JobRef, task: Task) -> dict[str, Any] | None:
@@ -338,41 +308,3 @@ def show_processing(record: ProcessingRecord) -> None:
         typer.echo(f"  results sent on as job {record.dispatch_job}")
     for note in record.notes:
         typer.echo(f"  note: {note}")
-
-
-def failed_in_processing(ref: JobRef, task: Task) -> bool:
-    """A job in error/ whose processing failed (its inputs are kept to run it again)."""
-    try:
-        record = read_record(ref.path)
-    except ValueError:
-        record = None
-    if record is not None:
-        return record.phase == "failed"
-    return task.info.fail_stage == FAIL_STAGE and bool(processes_of(task))
-
-
-def retry_processing(store: JobStore, ref: JobRef, task: Task) -> int:
-    """Reset a failed processing job for a new attempt from its kept inputs."""
-    if not instance_files(ref.path):
-        raise die(f"job {ref.id} has no input instances left; it cannot be processed again")
-    try:
-        old = read_record(ref.path)
-    except ValueError:
-        old = None
-    attempt = (old.attempt + 1) if old else 1
-    record = new_record([p.module_name for p in processes_of(task)], attempt)
-    if old is not None:
-        record.earlier_attempts = [
-            *old.earlier_attempts,
-            f"attempt {old.attempt}: {(old.failure or old.phase).splitlines()[0]}",
-        ]
-    reset_for_retry(ref.path)
-    write_record(ref.path, record)
-    task.history.append(
-        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} manual retry of processing after: "
-        f"{(task.error or '').splitlines()[0] if task.error else 'error'}"
-    )
-    task.error = None
-    task.info.fail_stage = None
-    store.write(ref, task)
-    return attempt

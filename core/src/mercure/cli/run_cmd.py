@@ -17,12 +17,12 @@ def install(app: typer.Typer) -> None:
     def run(
         config: Path | None = ConfigOption,
         data: Path | None = DataOption,
-        only: str = typer.Option(
-            ",".join(SERVICES),
+        only: str | None = typer.Option(
+            None,
             "--only",
             help="Comma-separated services to start in this process "
-            "(receiver, router, processor, dispatcher, cleaner, notifier, ledger), to run them "
-            "as separate processes.",
+            f"({', '.join(SERVICES)}, or a plugin's service such as web), to run them as "
+            "separate processes. Default: all of these and the configured plugin services.",
         ),
         port: int | None = typer.Option(None, help="Override the DICOM port of the configuration."),
     ) -> None:
@@ -35,7 +35,7 @@ def install(app: typer.Typer) -> None:
         log = get_logger("mercure.run")
         for warning in loaded.warnings:
             log.warning("configuration warning", detail=warning)
-        names = [s.strip() for s in only.split(",") if s.strip()]
+        names = [s.strip() for s in only.split(",") if s.strip()] if only is not None else None
         for target in cfg.targets.values():
             folder = getattr(target, "folder", None)
             if loaded.source.startswith("built-in") and target.target_type == "folder" and folder:

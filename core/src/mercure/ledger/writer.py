@@ -36,6 +36,7 @@ STATE_AFTER: dict[str, str] = {
     TaskEventType.MOVED_TO_ERROR: "error",
     TaskEventType.RETRY_SCHEDULED: "outgoing",
     TaskEventType.MANUAL_RETRY: "outgoing",
+    TaskEventType.MANUAL_DISCARD: "discard",
     "process_begin": "processing",
     "process_fail": "error",
 }
@@ -51,6 +52,7 @@ SERVICES: dict[str, str] = {
     TaskEventType.MOVED_TO_ERROR: "dispatcher",
     TaskEventType.COMPLETED: "dispatcher",
     TaskEventType.MANUAL_RETRY: "cli",
+    TaskEventType.MANUAL_DISCARD: "cli",
     TaskEventType.NOTIFICATION_SENT: "notifier",
     TaskEventType.NOTIFICATION_GIVEN_UP: "notifier",
 }

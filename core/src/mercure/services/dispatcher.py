@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mercure.config import Config
+from mercure.controls import is_suspended
 from mercure.events import TaskEvent, TaskEventType
 from mercure.jobs.claims import Claim
 from mercure.jobs.incoming import instance_files, instance_names
@@ -70,6 +71,7 @@ class Dispatcher(Service):
         self._next_scan = 0.0
         self._rescan = True
         self._lock = threading.Lock()
+        self._halted = False
 
     def wake(self) -> None:
         """New jobs may be waiting: list ``outgoing/`` again on the next pass."""
@@ -89,7 +91,12 @@ class Dispatcher(Service):
     def _scan(self, now: float) -> None:
         outgoing = self.runtime.store.folders["outgoing"]
         with os.scandir(outgoing) as entries:
-            names = {e.name for e in entries if not e.name.startswith(".")}
+            # Job folders only: mercure's HALT file lives here too.
+            names = {
+                e.name
+                for e in entries
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            }
         with self._lock:
             for gone in set(self.due_at) - names:
                 del self.due_at[gone]
@@ -108,6 +115,8 @@ class Dispatcher(Service):
         if self._rescan or now >= self._next_scan:
             self._rescan = False
             self._scan(now)
+        if self.halted():
+            return 0
         outgoing = self.runtime.store.folders["outgoing"]
         with self._lock:
             for job_id in [i for i, f in self.in_flight.items() if f.done()]:
@@ -126,6 +135,17 @@ class Dispatcher(Service):
             free -= 1
             submitted += 1
         return submitted
+
+    def halted(self) -> bool:
+        """mercure's HALT file in ``outgoing/``: no new delivery starts while it is there."""
+        halted = is_suspended(self.runtime.config, "dispatching")
+        if halted != self._halted:
+            self._halted = halted
+            if halted:
+                self.log.warning("dispatching suspended: HALT file present")
+            else:
+                self.log.info("dispatching resumed: HALT file removed")
+        return halted
 
     def _read_due(self, folder: Path) -> float | None:
         try:

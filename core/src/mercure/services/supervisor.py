@@ -11,6 +11,8 @@ from mercure.builtin.dicom_admission import StatsMetrics
 from mercure.builtin.dicom_receiver import dicom_receiver_for
 from mercure.logs import get_logger
 from mercure.metrics import Metric
+from mercure.plugin_services import PluginService, ServiceContext, plugin_service_names
+from mercure.plugin_settings import NoSettings
 from mercure.receivers import Receiver, ReceiverContext
 from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
@@ -31,14 +33,23 @@ RUN_EVENT_INTERVAL = 60.0
 class Supervisor:
     """The services of one process."""
 
-    def __init__(self, runtime: Runtime, services: list[str] | tuple[str, ...] = SERVICES) -> None:
-        unknown = [s for s in services if s not in SERVICES]
+    def __init__(
+        self, runtime: Runtime, services: list[str] | tuple[str, ...] | None = None
+    ) -> None:
+        # Plugin services: the configured instances, and (with --only) any registered type.
+        configured = plugin_service_names(runtime)
+        registered = runtime.plugins.registry.names("service")
+        if services is None:
+            services = (*SERVICES, *configured)
+        known = [*SERVICES, *configured, *(t for t in registered if t not in configured)]
+        unknown = [s for s in services if s not in known]
         if unknown:
             raise ValueError(
-                f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}"
+                f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(known)}"
             )
         self.runtime = runtime
         self.names = list(services)
+        self.plugin_services: list[PluginService[Any]] = []
         if "ledger" in self.names:
             check_ledger_settings(runtime)
         self.receivers: list[Receiver] = []
@@ -92,13 +103,39 @@ class Supervisor:
                 receiver: Receiver[Any] = impl(inst.name, inst.settings, context)
                 receiver.start()
                 self.receivers.append(receiver)
+        self._start_plugin_services()
         for name in self.names:
             rt.service_event(name, "BOOT", f"{name} started")
         log.info("services started", services=self.names)
 
+    def _start_plugin_services(self) -> None:
+        rt = self.runtime
+        configured = {i.name: i for i in rt.config.plugin_instances("service")}
+        for name in self.names:
+            if name in SERVICES:
+                continue
+            inst = configured.get(name)
+            plugin_type = rt.plugins.registry.get("service", inst.type_name if inst else name)
+            model = plugin_type.config_model or NoSettings
+            settings = inst.settings if inst else model()
+            state = rt.outbox.folder.parent / "plugin-state" / "service" / name
+            context = ServiceContext("service", name, rt.config.appliance_name, state, runtime=rt)
+            service: PluginService[Any] = plugin_type.implementation(name, settings, context)
+            try:
+                service.start()
+            except BaseException:
+                service.close()
+                raise
+            self.plugin_services.append(service)
+
     def stop(self) -> None:
         if self.stopped.is_set():
             return
+        for plugin_service in reversed(self.plugin_services):
+            try:
+                plugin_service.close()
+            except Exception as exc:
+                log.warning("closing service failed", service=plugin_service.name, error=str(exc))
         if self.pool is not None:
             self.pool.stop()
         for receiver in self.receivers:
