@@ -9,6 +9,7 @@ of the configuration from every response body.
 
 from __future__ import annotations
 
+import json
 import secrets as _secrets
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Dashboard:
         )
         self.templates.filters["stamp"] = stamp
         self.templates.filters["ago"] = _ago
+        self.templates.filters["pretty"] = _pretty
         self.templates.globals["MASK"] = MASK
 
     @property
@@ -198,6 +200,10 @@ class Dashboard:
             )
         except Exception:  # the error page itself failed: plain text, still no trace
             return HTMLResponse(f"<h1>{status} {title}</h1>", status_code=status)
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
 def _ago(t: float | None) -> str:

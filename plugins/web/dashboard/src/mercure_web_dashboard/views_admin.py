@@ -258,7 +258,11 @@ async def configuration(request: Request) -> Response:
     return dash.render(
         request,
         "config.html",
-        {"config_json": json.dumps(data, indent=2), "source": dash.source, "plugins": plugins},
+        {
+            "config_json": json.dumps(data, indent=2, ensure_ascii=False),
+            "source": dash.source,
+            "plugins": plugins,
+        },
     )
 
 
