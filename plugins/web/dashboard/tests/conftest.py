@@ -5,6 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dashboard_env import env  # noqa: F401 - the module-scoped router with the dashboard
+from dashboard_env import SCREENSHOTS, env  # noqa: F401 - env: the module's router
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """Name the folder the browser tests saved their screenshots in."""
+    for folder in config.stash.get(SCREENSHOTS, []):
+        terminalreporter.write_line(f"dashboard screenshots: {folder}")

@@ -34,6 +34,8 @@ TOKEN = "vault-token-4f1d9c2b7a"
 PASSWORD = "plain-Pa55word-8e3a"
 WEBHOOK_TOKEN = "SECRETwebhookTOKEN42xyz"
 SECRETS = (TOKEN, PASSWORD, WEBHOOK_TOKEN)
+SCREENSHOTS = pytest.StashKey[list[str]]()
+"""Folders the browser tests saved screenshots in (named at the end of the test output)."""
 PASSWORDS = {"olga": "operator-password-1", "vera": "viewer-password-1"}
 
 
