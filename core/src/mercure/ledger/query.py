@@ -223,9 +223,12 @@ class LedgerQueries:
             history.series = found[0] if found else None
             # The other jobs of the same routing (same series, same creation) and the parent
             # and children: where else the instances of this reception went.
+            # One indexed lookup each (an OR over three columns would scan the table).
             history.related = self.db.query(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE task_id <> ? AND ("
-                "(series_uid = ? AND created = ?) OR task_id = ? OR parent_id = ?) "
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE task_id <> ? AND task_id IN ("
+                "SELECT task_id FROM jobs WHERE series_uid = ? AND created = ? "
+                "UNION SELECT task_id FROM jobs WHERE task_id = ? "
+                "UNION SELECT task_id FROM jobs WHERE parent_id = ?) "
                 "ORDER BY created, task_id",
                 [task_id, series_uid, job.get("created", -1), job.get("parent_id") or "-",
                  task_id],
