@@ -166,12 +166,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         2,
-        "indexes for paged job lists: by state and time, by study, attempts by target",
+        "indexes for paged job lists (state, time, study), attempts by target, services",
         (
             "CREATE INDEX jobs_state_created ON jobs (state, created)",
             "CREATE INDEX jobs_created ON jobs (created)",
             "CREATE INDEX jobs_study ON jobs (study_uid)",
             "CREATE INDEX attempts_target ON dispatch_attempts (target, time)",
+            "CREATE INDEX events_kind ON events (kind, host, service, seq)",
         ),
     ),
 )
