@@ -204,7 +204,12 @@ def test_process_and_both_rules_run_the_module_and_deliver_its_results(
         parent = job_of_rule(success, "both")
         assert parent is not None
         parent_id, _parent_task = parent
-        children = [t for t in jobs(success).values() if t.get("parent_id") == parent_id]
+
+        def children_done() -> list[dict[str, Any]]:
+            return [t for t in jobs(success).values() if t.get("parent_id") == parent_id]
+
+        # The files reach the targets before their job is recorded and moved to success/.
+        children = wait_until(children_done, 30, "the results' job in success/")
         assert len(children) == 1
         child = children[0]
         assert sorted(child["dispatch"]["target_name"]) == ["archive", "scp"]
