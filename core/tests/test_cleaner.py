@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,18 @@ from mercure.services.runtime import build_runtime
 from mercure.testing import config_for
 
 DAY = 86400
+OFFPEAK = datetime(2026, 1, 15, 23, 30).timestamp()  # inside 22:00-06:00, host time
+
+
+def test_the_regular_pass_waits_for_offpeak(cleaner: Cleaner, tmp_path: Path) -> None:
+    store = cleaner.runtime.store
+    job = add(store, "success", "daytime", 4 * DAY, tmp_path)
+    cleaner.clock = lambda: datetime(2026, 1, 15, 14, 0).timestamp()
+    cleaner.run_once()
+    assert job.exists()  # past its retention, but it is 14:00
+    cleaner.clock = lambda: OFFPEAK
+    cleaner.run_once()
+    assert not job.exists()
 
 
 @pytest.fixture
@@ -25,7 +38,9 @@ def cleaner(tmp_path: Path, plugin_manager: PluginManager) -> Cleaner:
         emergency_clean_percentage=90,
         _registry=plugin_manager.registry,
     )
-    return Cleaner(build_runtime(config, plugin_manager, fsync=False))
+    cleaner = Cleaner(build_runtime(config, plugin_manager, fsync=False))
+    cleaner.clock = lambda: OFFPEAK  # the regular pass runs off-peak only
+    return cleaner
 
 
 def add(store: JobStore, state: State, task_id: str, age: float, tmp_path: Path) -> Path:

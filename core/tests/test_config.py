@@ -81,6 +81,7 @@ MERCURE_RULE_DEFAULTS: dict[str, Any] = {
     "action_trigger": "series",
     "study_trigger_condition": "timeout",
     "study_trigger_series": "",
+    "study_force_completion_action": "discard",
     "priority": "normal",
     "processing_module": "",
     "processing_settings": {},
@@ -178,12 +179,9 @@ def test_full_mercure_json_loads_unchanged(registry: Registry) -> None:
     assert config.processing_logs.discard_logs is True
     assert config.rules["ai_lung"].targets == ["test_dummy"]
     assert config.rules["ai_lung"].modules == ["lung_ai", "anonymizer"]
-    # With the core alone: study-level triggers are applied per series, and each backend that
+    # Study-level rules load without a warning; with the core alone, each backend that
     # mercure's fields ask for names the distribution to install.
-    assert (
-        "rules.study_rule.action_trigger: study-level triggers are not supported yet; "
-        "the rule is applied to each series"
-    ) in warnings
+    assert not [w for w in warnings if w.startswith("rules.study_rule")]
     missing = {w.split(":", 1)[0]: w for w in warnings if "no installed plugin" in w}
     assert set(missing) == {
         "graphite_ip",
@@ -197,7 +195,7 @@ def test_full_mercure_json_loads_unchanged(registry: Registry) -> None:
     containers = sorted(w.split(":", 1)[0] for w in warnings if "container module" in w)
     assert containers == ["modules.anonymizer", "modules.lung_ai"]
     assert all("mercure-runner-docker" in w for w in warnings if "container module" in w)
-    assert len(warnings) == 7
+    assert len(warnings) == 6
 
 
 def test_full_mercure_json_survives_a_dump_and_reload(registry: Registry) -> None:

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from mercure import rule_eval
 from mercure import rules as rules_module
 from mercure.rules import (
     CompiledRule,
-    Missing,
     RuleError,
     RuleResult,
     check_completion_series,
@@ -60,8 +60,8 @@ def matches(rule: str, tags: dict[str, str] | None = None) -> bool:
         ("False", False),
         ('"True"', True),
         ("'True'", True),
-        ('"False"', False),
-        ("' false '", False),
+        ('"False"', True),  # a non-empty text is true, in mercure too (config check warns)
+        ("' false '", True),
         ("1", True),
         ("0", False),
         ("2.5", True),
@@ -266,8 +266,6 @@ def test_result_is_always_bool() -> None:
         ("'x' not in tags.Nope", ("Nope",)),
         ("tags.Nope in ['a', 'b']", ("Nope",)),
         ("tags.Nope not in ['a', 'b']", ("Nope",)),
-        ("@Nope@ == 'CT'", ("Nope",)),
-        ("'CINE' in %Nope%", ("Nope",)),
         ("tags['Nope'] < 'z'", ("Nope",)),
         ("float(tags.Nope) < 2.0", ("Nope",)),
         ("tags.Nope.lower() == 'x'", ("Nope",)),
@@ -279,8 +277,8 @@ def test_result_is_always_bool() -> None:
         ("1 < float(tags.Nope) < 3", ("Nope",)),
         ("max(1, int(tags.Nope)) == 1", ("Nope",)),
         ("-float(tags.Nope) < 0", ("Nope",)),
-        ("tags.A == 'x' or tags.B == 'y' or tags.A == 'z'", ("A", "B")),
-        ("tags.Zeta == tags.Alpha", ("Zeta", "Alpha")),
+        ("tags.A == 'x' or tags.B == 'y' or tags.A == 'z'", ("A",)),  # the first stops it
+        ("tags.Zeta == tags.Alpha", ("Zeta",)),
         ("tags.Modality == 'MR' and tags.Nope == 'x'", ("Nope",)),
     ],
 )
@@ -296,22 +294,18 @@ def test_missing_tag_makes_the_rule_false(rule: str, missing: tuple[str, ...]) -
     assert "missing" in explanation
 
 
-def test_not_of_a_missing_tag_and_of_a_comparison() -> None:
-    # A bare missing value is false, so `not` makes it true ...
-    result = evaluate_rule("not tags.Nope", TAGS)
-    assert result.matched is True
-    assert result.missing_tags == ("Nope",)
-    # ... while `not` of a comparison negates the already-computed (false) comparison.
-    assert matches("not (tags.Nope == 'x')") is True
-    assert matches("not (tags.Nope != 'x')") is True
-
-
-def test_missing_tag_in_an_or_branch_does_not_block_the_other_branch() -> None:
-    result = evaluate_rule("tags.Nope == 'x' or tags.Modality == 'MR'", TAGS)
-    assert result.matched is True
-    assert result.missing_tags == ("Nope",)
-    assert "result: True" in result.explain()
-    assert "Nope" in result.explain()
+def test_a_missing_tag_under_not_or_in_an_or_makes_the_whole_rule_false() -> None:
+    # mercure's evaluator stops at the missing tag: the whole rule is False, and the tester
+    # says why that may surprise.
+    for rule in ("not tags.Nope", "not (tags.Nope == 'x')", "tags.Nope == 'x' or True",
+                 "tags.Nope == 'x' or tags.Modality == 'MR'"):  # fmt: skip
+        result = evaluate_rule(rule, TAGS)
+        assert result.matched is False, rule
+        assert result.missing_tags == ("Nope",)
+        assert result.surprise is True
+        assert "inside an 'or' or a 'not'" in result.explain()
+    plain = evaluate_rule("tags.Nope == 'x' and True", TAGS)
+    assert plain.matched is False and plain.surprise is False
 
 
 def test_short_circuit_skips_lookups() -> None:
@@ -320,8 +314,9 @@ def test_short_circuit_skips_lookups() -> None:
     assert evaluate_rule("tags.Modality == 'CT' and float('abc') > 1", TAGS).notes == ()
     # A failed link of a comparison chain stops the chain, like Python.
     assert evaluate_rule("2 < 1 < float(tags.Nope)", TAGS).missing_tags == ()
-    # | and & evaluate both sides.
+    # | and & evaluate both sides (Python's bitwise operators on True/False).
     assert evaluate_rule("True | (tags.Nope == 'x')", TAGS).missing_tags == ("Nope",)
+    assert matches("(tags.Modality == 'MR') | False") is True
 
 
 def test_none_value_counts_as_missing() -> None:
@@ -329,13 +324,6 @@ def test_none_value_counts_as_missing() -> None:
     result = evaluate_rule("tags.Modality == 'MR'", tags)
     assert result.matched is False
     assert result.missing_tags == ("Modality",)
-
-
-def test_missing_sentinel() -> None:
-    value = Missing("tag X is missing")
-    assert not value
-    assert value.reason == "tag X is missing"
-    assert "tag X is missing" in repr(value)
 
 
 def test_explain_when_everything_is_present() -> None:
@@ -364,15 +352,26 @@ def test_explain_when_everything_is_present() -> None:
         ("len(5) == 1", ["len(5) failed"]),
         ("min('') == 'a'", ["min('') failed"]),
         ("max(tags.Modality, 3) == 3", ["max(tags.Modality, 3) failed"]),
-        ("int(tags.SeriesNumber).lower() == '7'", ["needs a text value, got int"]),
+        ("int(tags.SeriesNumber).lower() == '7'", ["'int' object has no method .lower()"]),
         ("tags.Modality.startswith(1)", ["tags.Modality.startswith(1) failed"]),
         ("tags.Modality[5] == 'x'", ["tags.Modality[5] failed", "index out of range"]),
-        ("int(tags.SeriesNumber)[0] == 7", ["only text and lists can be indexed"]),
-        ("-tags.Modality == 'x'", ["unary - needs a number, got str"]),
+        ("int(tags.SeriesNumber)[0] == 7", ["'int' object is not subscriptable"]),
+        ("-tags.Modality == 'x'", ["bad operand type for unary -"]),
         ("re_match(tags.Pattern, tags.Modality)", ["re_match(tags.Pattern, tags.Modality) failed"]),
         ("regex('M', int(tags.SeriesNumber))", ["the value must be text"]),
         ("regex(tags.Modality, 'MR')", []),  # a computed, valid pattern works (this one matches)
-        ("(tags.Modality == 'MR') | tags.Modality", ["needs True/False on both sides"]),
+        ("(tags.Modality == 'MR') | tags.Modality", ["unsupported operand type(s) for |"]),
+        ("tags.Modality[0.5] == 'x'", ["indices must be integers"]),
+        ("tags.Modality[::0] == 'x'", ["slice step cannot be zero"]),
+        ("tags[0] == 'x'", ["a tag keyword must be text"]),
+        ("2 ** 100000 > 1", ["exponent 100000 is larger than 10000"]),
+        ("9 ** 9999 ** 2 > 1", ["exponent"]),
+        ("tags.Modality * 1000000 == 'x'", ["longer than 262144"]),
+        ("'%999999999d' % 1 == 'x'", ["field width"]),
+        ("1 << 5000 > 1", ["shift by 5000"]),
+        ("len(range(10 ** 9)) > 1", ["range of more than"]),
+        ("factorial(100000) > 1", ["factorial"]),
+        ("1 / 0 == 1", ["division by zero"]),
     ],
 )
 def test_runtime_failures_are_notes_not_exceptions(rule: str, note_fragments: list[str]) -> None:
@@ -389,10 +388,10 @@ def test_runtime_failures_are_notes_not_exceptions(rule: str, note_fragments: li
     assert result.missing_tags == ()
 
 
-def test_failure_inside_not_negates_false() -> None:
-    # The failed comparison is False; `not` turns that into True, and the note is still kept.
+def test_failure_inside_not_makes_the_whole_rule_false() -> None:
     result = evaluate_rule("not (float(tags.Bad) > 1)", TAGS)
-    assert result.matched is True
+    assert result.matched is False
+    assert result.surprise is True
     assert result.notes and "float(tags.Bad) failed" in result.notes[0]
 
 
@@ -412,7 +411,7 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     compiled = compile_rule("tags.Modality == 'MR' and tags.SeriesNumber == '7'")
 
     class Exploding(dict[str, str]):
-        def __contains__(self, key: object) -> bool:
+        def get(self, key: object, default: object = None) -> str:  # type: ignore[override]
             raise RuntimeError("boom")
 
     result = compiled.evaluate(Exploding(TAGS))
@@ -447,16 +446,12 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
         ("tags['__class__'] == 'x'", 7, "'__class__'"),
         ("tags['Bad Name'] == 'x'", 7, "'Bad Name' is not a valid tag keyword"),
         ("tags['1Modality'] == 'x'", 7, "'1Modality' is not a valid tag keyword"),
-        ("tags.Modality.split() == ['MR']", 26, "a list is only allowed on the right side"),
         ("tags.Größe == 'x'", 6, "'Größe' is not a valid tag keyword"),
-        ("tags[0] == 'x'", 6, "tags[...] needs a quoted keyword"),
-        ("tags[tags.Modality]", 6, "tags[...] needs a quoted keyword"),
-        ("tags == 'x'", 1, "'tags' must be followed by"),
         ("tags('Modality')", 1, "'tags' cannot be called"),
         ("tags.get('Modality')", 1, "tags.get is a tag and cannot be called"),
         ("float", 1, "function 'float' must be called"),
-        ("float() == 1", 1, "float() takes 1 argument, got 0"),
-        ("float(tags.A, tags.B)", 1, "float() takes 1 argument, got 2"),
+        ("float(tags.A, tags.B)", 1, "float() takes 0 to 1 arguments, got 2"),
+        ("tags.Modality @ 1", 15, "the operator '@' is not allowed"),
         ("re_match('x')", 1, "re_match() takes 2 arguments, got 1"),
         ("min() == 1", 1, "min() takes at least 1 argument"),
         ("tags.Modality.lower('x')", 1, ".lower() takes 0 arguments, got 1"),
@@ -465,30 +460,14 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
         ("max(*[1, 2])", 5, "starred expression"),
         ("tags.Modality == CT", 18, "unknown name 'CT'"),
         ("true", 1, "did you mean True?"),
-        ("tags.Modality == None", 18, "None is not allowed"),
         ("b'x' == tags.Modality", 1, "bytes literals are not allowed"),
         ("1j == 1", 1, "complex literals are not allowed"),
         ("... == 1", 1, "ellipsis literals are not allowed"),
-        ("1 + 2 == 3", 3, "arithmetic operator '+' is not allowed"),
-        ("tags.Modality * 1000", 15, "arithmetic operator '*'"),
-        ("(1) ** (2)", 5, "arithmetic operator '**'"),
-        ("'%s' % tags.Modality", 6, "arithmetic operator '%'"),
-        ("~1", 1, "operator '~'"),
-        ("tags.Modality is 'MR'", 15, "'is' is not allowed; use == or !="),
-        ("tags.Modality is not 'MR'", 15, "'is not' is not allowed"),
         ("f'{tags.Modality}' == 'MR'", 1, "f-string"),
         ("(y := 1)", 2, "assignment expression"),
         ("{'a': 1}", 1, "dict literal"),
-        ("1 if True else 2", 1, "conditional expression"),
         ("(x for x in 'ab')", 1, "generator expression"),
         ("{x for x in 'ab'}", 1, "set comprehension"),
-        ("tags.Modality == ['MR']", 18, "only allowed on the right side of 'in'"),
-        ("len(('a', 'b')) == 2", 5, "a tuple is only allowed"),
-        ("tags.Modality in ['MR', tags.SeriesDescription]", 25, "literal values"),
-        ("tags.Modality[1:tags.X]", 17, "integer literal"),
-        ("tags.Modality[0.5]", 15, "integer literal"),
-        ("tags.Modality[True]", 15, "integer literal"),
-        ("tags.Modality[::0]", 15, "step must not be zero"),
         ("float(tags.X)()", 1, "only the functions"),
         ("tags.Modality.lower()()", 1, "only the functions"),
         ("re_match('(', tags.SeriesDescription)", 10, "invalid regular expression '('"),
@@ -566,8 +545,6 @@ def test_positions_count_characters_not_bytes() -> None:
         ("@Modality@ == 'CT' and and", 24, "and"),
         ("%SeriesDescription%.format() == 'x'", 21, "format()"),
         ("@Modality@.lower", 12, "lower"),
-        ("@Modality@ == 'CT' and @SeriesDescription@ is 'x'", 44, "is 'x'"),
-        ("%Modality% + %SeriesDescription%", 12, "+ %Series"),
         ("@Modality@ == @X@ == open('x')", 22, "open("),
         ("@Modality@ == 'CT' and @Über@ == 'x'", 24, "@Über@"),  # not a placeholder
         ("@Modality@ == 'CT' and @Modality@ == CT", 38, "CT"),
@@ -586,8 +563,10 @@ def test_placeholder_errors_point_into_the_original_text(
 
 def test_notes_quote_the_original_text() -> None:
     result = evaluate_rule("float(%Bad%) > 1 or 1 < @SeriesNumber@", TAGS)
+    assert result.notes == (result.notes[0],)  # the first failure stops the rule
     assert result.notes[0].startswith("float(%Bad%) failed")
-    assert result.notes[1].startswith("1 < @SeriesNumber@ failed")
+    result = evaluate_rule("1 < @SeriesNumber@", TAGS)
+    assert result.notes[0].startswith("1 < @SeriesNumber@ failed")
 
 
 def test_multiline_rule_positions_count_from_the_start() -> None:
@@ -632,17 +611,18 @@ def test_long_flat_rules_are_fine() -> None:
 
 def test_source_never_uses_the_builtin_evaluators() -> None:
     source = Path(rules_module.__file__).read_text(encoding="utf-8")
+    source += Path(rule_eval.__file__).read_text(encoding="utf-8")
     assert "eval(" not in source
     assert "exec(" not in source
     assert not re.search(r"\bcompile\(", source.replace("re.compile(", ""))
 
 
 def test_regex_patterns_are_compiled_once() -> None:
-    rules_module._regex.cache_clear()
+    rule_eval.regex.cache_clear()
     compiled = compile_rule("re_match('^CINE_T[0-9]', tags.SeriesDescription)")
     for _ in range(5):
         assert compiled(TAGS) is True
-    info = rules_module._regex.cache_info()
+    info = rule_eval.regex.cache_info()
     assert info.misses == 1
     assert info.hits >= 5
 
@@ -668,6 +648,9 @@ SERIES = ["AX T2 FLAIR", "T1-COR", "SAG", "dwi b1000"]
         ("'SAG' or ('COR' and 'AX')", True),
         ("'T1' and ('T2' or 'FLAIR')", True),
         ("'T1' and ('T3' or 'PD')", False),
+        ("'T1' and not 'T3'", True),  # mercure's router evaluates 'not'
+        ("not 'SAG'", False),
+        ("not ('T3' or 'PD') and 'dwi'", True),
         ('"T1" and "SAG"', True),
         ("  ('T1')\n and 'SAG'  ", True),
         ("", True),  # no condition: complete
@@ -686,7 +669,8 @@ def test_parse_completion_series_without_received_series() -> None:
 
 
 @pytest.mark.parametrize(
-    "condition", ["'T1'", "'T1' and 'T2'", "('a' or 'b') and 'c'", "'SAG' or ('COR' and 'AX')"]
+    "condition",
+    ["'T1'", "'T1' and 'T2'", "('a' or 'b') and 'c'", "'SAG' or ('COR' and 'AX')", "not 'T1'"],
 )
 def test_check_completion_series_accepts(condition: str) -> None:
     assert check_completion_series(condition) is None
@@ -697,7 +681,6 @@ def test_check_completion_series_accepts(condition: str) -> None:
     [
         ("T1 and 'T2'", 1, "'T1' must be in quotes"),
         ("'T1' and T2", 10, "'T2' must be in quotes"),
-        ("not 'T1'", 1, "'not' is not allowed"),
         ("'T1' + 'T2'", 6, "operator '+'"),
         ("'T1' | 'T2'", 6, "operator '|'"),
         ("'T1' == 'T2'", 1, "comparison is not allowed"),

@@ -154,6 +154,9 @@ class Rule(BaseModel):
     action_trigger: Literal["series", "study"] = "series"
     study_trigger_condition: Literal["timeout", "received_series"] = "timeout"
     study_trigger_series: str = ""
+    # mercure 0.4: what happens to a study still incomplete study_forcecomplete_trigger seconds
+    # after its first series: discard it, proceed with the series that arrived, or keep waiting.
+    study_force_completion_action: Literal["discard", "proceed", "ignore"] = "discard"
     priority: Literal["normal", "urgent", "offpeak"] = "normal"
     processing_module: str | list[str] = ""
     processing_settings: list[dict[str, Any]] | dict[str, Any] = {}
@@ -240,7 +243,9 @@ class Config(BaseModel):
     persistence_folder: str = "/opt/mercure/persistence"
     phi_notifications: bool = False
     server_time: str = "UTC"
-    local_time: str = "UTC"
+    local_time: str = ""
+    """The time zone (IANA name such as ``Europe/Berlin``) in which ``offpeak_start`` and
+    ``offpeak_end`` are meant; empty: the host's zone (mercure reads the host's clock)."""
     dicom_retrieve: dict[str, Any] = {}
     store_sample_dicom_tags: bool = False
 
@@ -421,6 +426,7 @@ def validate_config(
     warnings.extend(instance_warnings)
     if config is not None:
         errors.extend(_check_references(config, registry))
+        errors.extend(_check_studies_and_times(config))
         errors.extend(_check_modules(config, registry, instances.get("runner", [])))
         config._instances = dict(instances)
         from mercure.processing.selection import module_checks
@@ -544,14 +550,50 @@ def _unknown_keys(config: Config) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _warnings(config: Config) -> list[str]:
+    from mercure.rules import rule_warnings
+
     warnings: list[str] = []
-    for name, rule in config.rules.items():
-        if rule.action_trigger == "study" and not rule.disabled:
+    for name, target in config.targets.items():
+        if target.target_type == "dummy" and not config.features.get("dummy_target", False):
             warnings.append(
-                f"rules.{name}.action_trigger: study-level triggers are not supported yet; "
-                "the rule is applied to each series"
+                f"targets.{name}: a dummy target delivers nothing (its jobs succeed at once); "
+                "mercure offers the type only with features.dummy_target: true"
+            )
+    for name, rule in config.rules.items():
+        warnings.extend(f"rules.{name}.rule: {text}" for text in rule_warnings(rule.rule))
+    for name, rule in config.rules.items():
+        if rule.disabled or rule.action_trigger != "study":
+            continue
+        if (
+            rule.study_trigger_condition == "received_series"
+            and not rule.study_trigger_series.strip()
+        ):
+            warnings.append(
+                f"rules.{name}.study_trigger_series: empty, so the study completes by timeout "
+                "(study_complete_trigger), as in mercure"
             )
     return warnings
+
+
+def _check_studies_and_times(config: Config) -> list[tuple[str, str]]:
+    """Study triggers of study rules and the off-peak window must be readable.
+
+    mercure checks a ``study_trigger_series`` only in its web editor and evaluates a broken one
+    as never complete; here it is refused when the configuration loads, with its column.
+    """
+    from mercure.priorities import config_errors
+    from mercure.rules import check_completion_series
+
+    errors = config_errors(config)
+    for name, rule in config.rules.items():
+        if rule.disabled or rule.action_trigger != "study":
+            continue
+        series = rule.study_trigger_series
+        if rule.study_trigger_condition == "received_series" and series.strip():
+            problem = check_completion_series(series)
+            if problem is not None:
+                errors.append((f"rules.{name}.study_trigger_series", problem))
+    return errors
 
 
 def load_config(path: Path, registry: Registry) -> tuple[Config, list[str]]:

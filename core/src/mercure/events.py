@@ -31,6 +31,12 @@ class TaskEventType(StrEnum):
     MODULE_FINISHED = "process_module_complete"
     PROCESSING_FINISHED = "process_complete"
     PROCESSING_FAILED = "process_fail"
+    # Study jobs: a series added to a study being collected (``task_id`` is the study job's,
+    # ``series_uid`` the series'), and the study released (``info`` says why; ``extra`` has
+    # ``study_uid``, ``series`` and ``state``, where the job went).
+    STUDY_COLLECTED = "study_collect"
+    STUDY_RELEASED = "study_release"
+    STUDY_FORCE_REQUESTED = "study_force"
     # Operator controls from the command line (``extra`` has ``service`` / ``by``). Suspending
     # and resuming concern a service, not a job: their ``task_id`` is empty.
     SUSPENDED = "suspend"

@@ -195,7 +195,14 @@ def on_task_event(event: TaskEvent) -> None:
     - **Arguments**: ``event`` (type, task id, series UID, target, file count, rule, tags,
       time, extra). Processing adds the types ``process_begin``, ``process_module_begin``,
       ``process_module_complete``, ``process_complete`` and ``process_fail``: ``target`` is
-      the module, ``extra`` has ``duration``, ``exit_code`` and ``step``.
+      the module, ``extra`` has ``duration``, ``exit_code`` and ``step``. Study jobs add
+      ``study_collect`` (a series added to a study being collected: ``task_id`` is the
+      study job's, ``series_uid`` the series', ``extra`` has ``study_uid`` and ``started``),
+      ``study_release`` (the study became a job: ``info`` says why, ``extra`` has
+      ``study_uid``, ``series`` and ``state``) and ``study_force`` (``mercure study
+      complete``). Operator commands add ``manual_discard`` (``mercure job discard``),
+      ``suspend`` and ``resume`` (``mercure suspend``/``resume``: they concern a service,
+      not a job, so ``task_id`` is empty and ``extra["service"]`` names it).
     - **Returns** nothing; must return quickly (queue slow work of your own).
     - **Exceptions**: logged (``observer failed``) and ignored; the other observers are still
       called.

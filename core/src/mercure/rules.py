@@ -10,55 +10,54 @@ interpreter, so attribute tricks (``().__class__``), imports and calls to arbitr
 are impossible, and they are rejected when the configuration is loaded -- with the column of the
 offending text -- rather than when the first series arrives.
 
-What a rule may contain:
+What a rule may contain -- what mercure's evaluator accepts, less what could escape it:
 
-* tags: ``tags.Keyword``, ``tags["Keyword"]`` and the legacy placeholders ``@Keyword@`` and
-  ``%Keyword%`` (all four mean the tag's value, a string);
-* literals: strings (both quote styles), integers, floats, ``True``/``False``; lists, tuples and
-  sets of literals on the right of ``in``/``not in``;
-* ``and``, ``or``, ``not``, parentheses, comparisons (``== != < <= > >= in not in``, also
-  chained as in ``1 < x < 3``), unary minus on numbers; ``|`` and ``&`` on True/False values
-  (non short-circuit ``or``/``and``, as in old mercure examples);
-* the functions ``float int str len bool abs min max`` and ``re_match(pattern, value)`` /
-  ``regex(pattern, value)`` (``re.search`` semantics, returning True/False; patterns are
-  compiled once and cached, a literal pattern is checked when the rule is compiled -- like any
-  regular expression engine, a pathological pattern can still be slow);
-* the string methods ``lower upper strip lstrip rstrip startswith endswith split replace find
-  count isdigit``, and indexing/slicing with integer literals (``tags.X[0:3]``).
+* tags: ``tags.Keyword`` (falls back to a case-insensitive match, as mercure's does),
+  ``tags["Keyword"]`` (exact), ``'Keyword' in tags`` (presence), and the legacy placeholders
+  ``@Keyword@`` and ``%Keyword%`` (exact; ``%Keyword%`` is the form mercure's documentation
+  gives, which its code does not read: accepted here with ``@Keyword@``'s meaning);
+* literals (text, numbers, ``True``, ``False``, ``None``), lists, tuples and sets;
+* ``and``, ``or``, ``not``, comparisons (also chained, ``is``/``is not``),
+  arithmetic (``+ - * / // % **``, shifts and bitwise operators) with bounds that keep a rule
+  from exhausting the router (see :mod:`mercure.rule_eval`);
+* the functions of mercure's allow-list (``float int str len bool abs min max sum round pow
+  any all sorted chr ord divmod hex oct bin repr range list tuple set`` and the ``math`` ones
+  ``sqrt ceil floor log log10 log2 exp sin cos tan asin acos atan atan2 fabs factorial trunc
+  isinf isnan``, constants ``pi`` and ``e``) and this project's ``re_match(pattern, value)`` /
+  ``regex(pattern, value)`` (``re.search``, True/False);
+* text methods (``.lower()``, ``.startswith()``, ``.split()``, ... see ``METHODS``),
+  indexing and slicing.
 
-Evaluation never raises. A missing tag (absent from the tag mapping) evaluates to a
-:class:`Missing` value which propagates through functions and methods; **a missing tag makes a
-comparison false** -- every comparison involving it, including ``!=`` and ``not in``, is False,
-and a bare missing value is False in a boolean context (so ``not tags.X`` is True when ``X`` is
-missing). A conversion that fails at run time (``float('abc')``) behaves the same way and is
-recorded as a note in the :class:`RuleResult`.
+Evaluation never raises, and follows mercure's: a missing tag, or any operation that fails,
+makes **the whole rule False** -- even inside an ``or`` or under a ``not`` (the
+:class:`RuleResult` says when that happened, so the rule tester can point it out).
 """
 
 from __future__ import annotations
 
 import ast
 import functools
-import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, final
+from typing import Any, Final
+
+from mercure import rule_eval as ev
+from mercure.rule_eval import CONSTANTS, FUNCTIONS, METHODS, REGEX_FUNCTIONS
 
 __all__ = [
     "CompiledRule",
-    "Missing",
     "RuleError",
     "RuleResult",
     "check_completion_series",
     "compile_rule",
     "evaluate_rule",
     "parse_completion_series",
+    "rule_warnings",
 ]
 
 # Deepest nesting of the expression tree that is compiled; keeps the evaluator's recursion bounded.
 _MAX_DEPTH: Final = 100
-# Longest string a rule may produce with .replace(); stops a rule from exhausting memory.
-_MAX_STRING: Final = 1_000_000
 
 _TAG_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # Legacy placeholders: @Keyword@ and %Keyword%. Names starting with "_" are matched on purpose,
@@ -108,39 +107,21 @@ def _rebuild_rule_error(rule: str, offset: int, reason: str, kind: str) -> RuleE
     return RuleError(rule, offset, reason, kind=kind)
 
 
-@final
-class Missing:
-    """The value of a tag that is absent, or of an operation that could not be performed.
-
-    It exists so that a rule never raises while routing: functions and string methods applied to
-    a ``Missing`` return it unchanged, every comparison involving it is False, and it is False in
-    a boolean context. ``reason`` says where it came from (for debugging).
-    """
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"Missing({self.reason!r})"
-
-
 @dataclass(frozen=True)
 class RuleResult:
     """The outcome of evaluating a rule, with what is needed to explain it to the user.
 
-    ``missing_tags`` lists the tags the evaluation looked up but did not find, in the order they
-    were first accessed (tags in a branch skipped by ``and``/``or`` short-circuiting are not
-    looked up). ``notes`` holds run-time problems such as failed conversions.
+    ``missing_tags`` lists the tags the evaluation looked up but did not find (the first one
+    stopped it; tags in a branch skipped by ``and``/``or`` short-circuiting are not looked up).
+    ``notes`` holds what else stopped it, such as a failed conversion. ``surprise`` is True when
+    the rule is False only because of a missing tag or a failure inside an ``or`` or a ``not``,
+    which mercure's evaluator, and so this one, treats as False for the whole rule.
     """
 
     matched: bool
     missing_tags: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    surprise: bool = False
 
     def explain(self) -> str:
         """A human-readable, multi-line account of the result (for the CLI rule tester)."""
@@ -151,7 +132,12 @@ class RuleResult:
         ]
         if self.missing_tags:
             lines.append("missing tags: " + ", ".join(self.missing_tags))
-            lines.append("  (a missing tag makes every comparison that uses it false)")
+            lines.append("  (as in mercure, a missing tag makes the whole rule false)")
+        if self.surprise:
+            lines.append(
+                "note: this happened inside an 'or' or a 'not', where it may surprise: as in "
+                "mercure's evaluator, the whole rule is False, not just that part"
+            )
         if self.notes:
             lines.append("notes:")
             lines.extend(f"  - {note}" for note in self.notes)
@@ -159,360 +145,6 @@ class RuleResult:
             lines.append("all tags used by the rule were present")
         return "\n".join(lines)
 
-
-# --------------------------------------------------------------------------------------------
-# Evaluator tree
-# --------------------------------------------------------------------------------------------
-
-_RUNTIME_ERRORS: Final = (ArithmeticError, LookupError, TypeError, ValueError, re.error)
-
-
-class _Context:
-    """Per-evaluation state: the tags, and what went wrong while looking at them."""
-
-    __slots__ = ("missing", "notes", "tags")
-
-    def __init__(self, tags: Mapping[str, str]) -> None:
-        self.tags = tags
-        self.missing: dict[str, None] = {}  # insertion-ordered set
-        self.notes: dict[str, None] = {}
-
-    def lookup(self, name: str) -> object:
-        if name in self.tags:
-            value = self.tags[name]
-            if value is not None:
-                return value
-        self.missing.setdefault(name, None)
-        return Missing(f"tag {name} is missing")
-
-    def fail(self, note: str) -> Missing:
-        self.notes.setdefault(note, None)
-        return Missing(note)
-
-
-class _Node:
-    """A node of the compiled rule; ``source`` is its text as the user wrote it."""
-
-    __slots__ = ("source",)
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def run(self, ctx: _Context) -> object:
-        raise NotImplementedError
-
-
-class _Const(_Node):
-    __slots__ = ("value",)
-
-    def __init__(self, source: str, value: object) -> None:
-        super().__init__(source)
-        self.value = value
-
-    def run(self, ctx: _Context) -> object:
-        return self.value
-
-
-class _Tag(_Node):
-    __slots__ = ("name",)
-
-    def __init__(self, source: str, name: str) -> None:
-        super().__init__(source)
-        self.name = name
-
-    def run(self, ctx: _Context) -> object:
-        return ctx.lookup(self.name)
-
-
-class _Not(_Node):
-    __slots__ = ("operand",)
-
-    def __init__(self, source: str, operand: _Node) -> None:
-        super().__init__(source)
-        self.operand = operand
-
-    def run(self, ctx: _Context) -> object:
-        return not self.operand.run(ctx)
-
-
-class _And(_Node):
-    __slots__ = ("items",)
-
-    def __init__(self, source: str, items: tuple[_Node, ...]) -> None:
-        super().__init__(source)
-        self.items = items
-
-    def run(self, ctx: _Context) -> object:
-        value: object = True
-        for item in self.items:
-            value = item.run(ctx)
-            if not value:
-                return value
-        return value
-
-
-class _Or(_Node):
-    __slots__ = ("items",)
-
-    def __init__(self, source: str, items: tuple[_Node, ...]) -> None:
-        super().__init__(source)
-        self.items = items
-
-    def run(self, ctx: _Context) -> object:
-        value: object = False
-        for item in self.items:
-            value = item.run(ctx)
-            if value:
-                return value
-        return value
-
-
-class _BitLogic(_Node):
-    """``|`` / ``&`` between True/False values: both sides are evaluated."""
-
-    __slots__ = ("left", "right", "symbol")
-
-    def __init__(self, source: str, symbol: str, left: _Node, right: _Node) -> None:
-        super().__init__(source)
-        self.symbol = symbol
-        self.left = left
-        self.right = right
-
-    def run(self, ctx: _Context) -> object:
-        values = []
-        for side in (self.left, self.right):
-            value = side.run(ctx)
-            if isinstance(value, Missing):
-                value = False
-            if not isinstance(value, bool):
-                return ctx.fail(
-                    f"{self.source} failed: '{self.symbol}' needs True/False on both sides, "
-                    f"got {type(value).__name__}; use 'and'/'or'"
-                )
-            values.append(value)
-        return (values[0] or values[1]) if self.symbol == "|" else (values[0] and values[1])
-
-
-def _contains(left: Any, right: Any) -> bool:
-    return left in right
-
-
-def _not_contains(left: Any, right: Any) -> bool:
-    return left not in right
-
-
-_COMPARE_OPS: Final[dict[type[ast.cmpop], tuple[str, Callable[[Any, Any], Any]]]] = {
-    ast.Eq: ("==", operator.eq),
-    ast.NotEq: ("!=", operator.ne),
-    ast.Lt: ("<", operator.lt),
-    ast.LtE: ("<=", operator.le),
-    ast.Gt: (">", operator.gt),
-    ast.GtE: (">=", operator.ge),
-    ast.In: ("in", _contains),
-    ast.NotIn: ("not in", _not_contains),
-}
-
-
-class _Compare(_Node):
-    __slots__ = ("comparators", "left", "ops")
-
-    def __init__(
-        self,
-        source: str,
-        left: _Node,
-        ops: tuple[tuple[str, Callable[[Any, Any], Any]], ...],
-        comparators: tuple[_Node, ...],
-    ) -> None:
-        super().__init__(source)
-        self.left = left
-        self.ops = ops
-        self.comparators = comparators
-
-    def run(self, ctx: _Context) -> object:
-        left = self.left.run(ctx)
-        for (symbol, op), comparator in zip(self.ops, self.comparators, strict=True):
-            right = comparator.run(ctx)
-            if isinstance(left, Missing) or isinstance(right, Missing):
-                return False
-            try:
-                ok = bool(op(left, right))
-            except _RUNTIME_ERRORS as exc:
-                hint = ""
-                numbers = (int, float)
-                if symbol in ("<", "<=", ">", ">=") and (
-                    (isinstance(left, str) and isinstance(right, numbers))
-                    or (isinstance(right, str) and isinstance(left, numbers))
-                ):
-                    hint = " (convert the text with float(...) or int(...))"
-                ctx.fail(f"{self.source} failed: {exc}{hint}")
-                return False
-            if not ok:
-                return False
-            left = right
-        return True
-
-
-class _Negate(_Node):
-    __slots__ = ("negative", "operand")
-
-    def __init__(self, source: str, operand: _Node, *, negative: bool) -> None:
-        super().__init__(source)
-        self.operand = operand
-        self.negative = negative
-
-    def run(self, ctx: _Context) -> object:
-        value = self.operand.run(ctx)
-        if isinstance(value, Missing):
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return ctx.fail(
-                f"{self.source} failed: unary {'-' if self.negative else '+'} needs a number, "
-                f"got {type(value).__name__}"
-            )
-        return -value if self.negative else value
-
-
-class _Call(_Node):
-    __slots__ = ("args", "impl")
-
-    def __init__(self, source: str, impl: Callable[..., object], args: tuple[_Node, ...]) -> None:
-        super().__init__(source)
-        self.impl = impl
-        self.args = args
-
-    def run(self, ctx: _Context) -> object:
-        values = []
-        for arg in self.args:
-            value = arg.run(ctx)
-            if isinstance(value, Missing):
-                return value
-            values.append(value)
-        try:
-            return self.impl(*values)
-        except _RUNTIME_ERRORS as exc:
-            return ctx.fail(f"{self.source} failed: {exc}")
-
-
-class _Method(_Node):
-    __slots__ = ("args", "impl", "name", "receiver")
-
-    def __init__(
-        self,
-        source: str,
-        receiver: _Node,
-        name: str,
-        impl: Callable[..., object],
-        args: tuple[_Node, ...],
-    ) -> None:
-        super().__init__(source)
-        self.receiver = receiver
-        self.name = name
-        self.impl = impl
-        self.args = args
-
-    def run(self, ctx: _Context) -> object:
-        receiver = self.receiver.run(ctx)
-        if isinstance(receiver, Missing):
-            return receiver
-        values = []
-        for arg in self.args:
-            value = arg.run(ctx)
-            if isinstance(value, Missing):
-                return value
-            values.append(value)
-        if not isinstance(receiver, str):
-            return ctx.fail(
-                f"{self.source} failed: .{self.name}() needs a text value, "
-                f"got {type(receiver).__name__}"
-            )
-        try:
-            return self.impl(receiver, *values)
-        except _RUNTIME_ERRORS as exc:
-            return ctx.fail(f"{self.source} failed: {exc}")
-
-
-class _Index(_Node):
-    __slots__ = ("index", "value")
-
-    def __init__(self, source: str, value: _Node, index: int | slice) -> None:
-        super().__init__(source)
-        self.value = value
-        self.index = index
-
-    def run(self, ctx: _Context) -> object:
-        value = self.value.run(ctx)
-        if isinstance(value, Missing):
-            return value
-        if not isinstance(value, str | list | tuple):
-            return ctx.fail(
-                f"{self.source} failed: only text and lists can be indexed, "
-                f"got {type(value).__name__}"
-            )
-        try:
-            return value[self.index]
-        except _RUNTIME_ERRORS as exc:
-            return ctx.fail(f"{self.source} failed: {exc}")
-
-
-# --------------------------------------------------------------------------------------------
-# Functions and string methods available to rules
-# --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
-    """Compiled regular expressions, cached: a rule's pattern is compiled once, not per series."""
-    return re.compile(pattern)
-
-
-def _re_match(pattern: object, value: object) -> bool:
-    if not isinstance(pattern, str):
-        raise TypeError(f"the pattern must be text, got {type(pattern).__name__}")
-    if not isinstance(value, str):
-        raise TypeError(f"the value must be text, got {type(value).__name__}")
-    return _regex(pattern).search(value) is not None
-
-
-# name -> (implementation, minimum number of arguments, maximum or None for "any")
-_FUNCTIONS: Final[dict[str, tuple[Callable[..., object], int, int | None]]] = {
-    "abs": (abs, 1, 1),
-    "bool": (bool, 1, 1),
-    "float": (float, 1, 1),
-    "int": (int, 1, 2),
-    "len": (len, 1, 1),
-    "max": (max, 1, None),
-    "min": (min, 1, None),
-    "re_match": (_re_match, 2, 2),
-    "regex": (_re_match, 2, 2),
-    "str": (str, 1, 1),
-}
-_REGEX_FUNCTIONS: Final = frozenset({"re_match", "regex"})
-
-
-def _str_replace(text: str, old: str, new: str, count: int = -1) -> str:
-    occurrences = text.count(old)
-    if count >= 0:
-        occurrences = min(occurrences, count)
-    if len(text) + occurrences * (len(new) - len(old)) > _MAX_STRING:
-        raise ValueError(f"the result would be longer than {_MAX_STRING} characters")
-    return text.replace(old, new, count)
-
-
-# name -> (implementation taking the string first, minimum and maximum number of arguments)
-_METHODS: Final[dict[str, tuple[Callable[..., object], int, int]]] = {
-    "count": (str.count, 1, 1),
-    "endswith": (str.endswith, 1, 1),
-    "find": (str.find, 1, 1),
-    "isdigit": (str.isdigit, 0, 0),
-    "lower": (str.lower, 0, 0),
-    "lstrip": (str.lstrip, 0, 1),
-    "replace": (_str_replace, 2, 3),
-    "rstrip": (str.rstrip, 0, 1),
-    "split": (str.split, 0, 2),
-    "startswith": (str.startswith, 1, 1),
-    "strip": (str.strip, 0, 1),
-    "upper": (str.upper, 0, 0),
-}
 
 _ATTRIBUTE_REASON: Final = (
     "attribute access '{}' is not allowed (only tags.<Keyword> and string methods such as .lower())"
@@ -598,15 +230,16 @@ class _Source:
     """The rule text as parsed, with a map back to the text the user wrote.
 
     Legacy placeholders ``@Tag@``/``%Tag%`` (outside string literals) are rewritten to
-    ``tags.Tag``, line breaks outside string literals become spaces (so a rule may span lines)
-    and leading blanks are dropped. ``_starts[i]``/``_ends[i]`` give the span in the original
-    text that produced character ``i`` of the parsed text, so errors and notes quote and point at
-    what the user wrote.
+    ``tags['Tag']`` (recorded in ``placeholders``), line breaks outside string literals become
+    spaces (so a rule may span lines) and leading blanks are dropped. ``_starts[i]`` and
+    ``_ends[i]`` give the span in the original text that produced character ``i`` of the
+    parsed text, so errors and notes quote and point at what the user wrote.
     """
 
     def __init__(self, original: str, *, placeholders: bool, kind: str) -> None:
         self.original = original
         self.kind = kind
+        self.placeholders: list[str] = []
         out: list[str] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -623,14 +256,18 @@ class _Source:
             if placeholders and char in "@%":
                 match = _PLACEHOLDER_RE.match(original, i)
                 if match is not None:
+                    # mercure writes tags["Keyword"] in place of @Keyword@: an exact lookup.
                     name = match.group(2)
-                    out.extend("tags.")
-                    starts.extend([i] * 5)
-                    ends.extend([i + 1] * 5)
+                    self.placeholders.append(name)
+                    out.extend("tags['")
+                    starts.extend([i] * 6)
+                    ends.extend([i + 1] * 6)
                     out.extend(name)
                     starts.extend(range(i + 1, i + 1 + len(name)))
                     ends.extend(range(i + 2, i + 2 + len(name)))
-                    ends[-1] = match.end()  # the last letter's span includes the closing mark
+                    out.extend("']")
+                    starts.extend([match.end() - 1] * 2)
+                    ends.extend([match.end()] * 2)
                     i = match.end()
                     continue
             if char == "\\" and original[i + 1 : i + 2] in ("\r", "\n"):
@@ -730,6 +367,29 @@ def _arity_text(low: int, high: int | None) -> str:
     return f"{low} to {high} arguments"
 
 
+_COMPARE_SYMBOLS: Final[dict[type[ast.cmpop], str]] = {
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+}
+_UNARY_SYMBOLS: Final[dict[type[ast.unaryop], str]] = {
+    ast.USub: "-",
+    ast.UAdd: "+",
+    ast.Invert: "~",
+}
+_ALLOWED_NODES: Final = (
+    ast.BoolOp, ast.Call, ast.Subscript, ast.Slice, ast.List, ast.Tuple, ast.Set,
+    ast.Compare, ast.UnaryOp, ast.Attribute,
+)  # fmt: skip
+
+
 class _RuleCompiler:
     """Checks a parsed rule against the allow-list and builds its evaluator tree."""
 
@@ -763,9 +423,7 @@ class _RuleCompiler:
         ):
             return None  # judged as part of their parent node
         if isinstance(node, ast.Constant):
-            if node.value is None:
-                return src.start(node), "None is not allowed (a missing tag is simply false)"
-            if type(node.value) not in (str, int, float, bool):
+            if node.value is not None and type(node.value) not in (str, int, float, bool):
                 return src.start(node), f"{type(node.value).__name__} literals are not allowed"
             return None
         if isinstance(node, ast.Name):
@@ -775,31 +433,16 @@ class _RuleCompiler:
                 return src.end(node) - len(node.attr), _ATTRIBUTE_REASON.format(node.attr)
             return None
         if isinstance(node, ast.BinOp):
-            if isinstance(node.op, ast.BitOr | ast.BitAnd):
-                return None
-            symbol = _BINOP_SYMBOLS.get(type(node.op), "?")
-            return (
-                src.operator_offset(node.left, node.right),
-                f"the arithmetic operator '{symbol}' is not allowed",
-            )
-        if isinstance(node, ast.UnaryOp):
-            if isinstance(node.op, ast.Invert):
-                return src.start(node), "the operator '~' is not allowed"
+            if isinstance(node.op, ast.MatMult):
+                return src.operator_offset(node.left, node.right), "the operator '@' is not allowed"
             return None
-        if isinstance(node, ast.Compare):
-            operands = [node.left, *node.comparators]
-            for k, op in enumerate(node.ops):
-                if isinstance(op, ast.Is | ast.IsNot):
-                    word = "is not" if isinstance(op, ast.IsNot) else "is"
-                    return (
-                        src.operator_offset(operands[k], operands[k + 1]),
-                        f"'{word}' is not allowed; use == or !=",
-                    )
-            return None
-        if isinstance(
-            node, ast.BoolOp | ast.Call | ast.Subscript | ast.Slice | ast.List | ast.Tuple | ast.Set
-        ):
+        if isinstance(node, _ALLOWED_NODES):
             return None  # allowed here; the structural pass checks how they are used
+        if isinstance(node, ast.IfExp):
+            return src.start(node), (
+                "a conditional expression (x if c else y) is not allowed: mercure's evaluator "
+                "cannot run one, so such a rule never matches there; use 'and'/'or'"
+            )
         if isinstance(node, ast.keyword):
             if node.arg is None:
                 return src.start(node), "keyword argument unpacking (**) is not allowed"
@@ -810,11 +453,11 @@ class _RuleCompiler:
 
     def _screen_name(self, node: ast.Name, *, called: bool) -> tuple[int, str] | None:
         name = node.id
-        if name == "tags" or name in _FUNCTIONS:
+        if name in ("tags", "None") or name in FUNCTIONS or name in CONSTANTS:
             return None
         offset = self.src.start(node)
         if called:
-            allowed = ", ".join(sorted(_FUNCTIONS))
+            allowed = ", ".join(sorted(FUNCTIONS))
             return offset, f"function '{name}' is not allowed (allowed functions: {allowed})"
         if name.startswith("_"):
             return offset, f"the name '{name}' is not allowed"
@@ -826,7 +469,7 @@ class _RuleCompiler:
 
     # -- structural pass -------------------------------------------------------------------
 
-    def build(self, node: ast.expr, depth: int = 0) -> _Node:
+    def build(self, node: ast.expr, depth: int = 0) -> ev.Node:
         src = self.src
         if depth > _MAX_DEPTH:
             raise src.error(src.start(node), "the expression is nested too deeply")
@@ -834,22 +477,23 @@ class _RuleCompiler:
         text = src.snippet(node)
 
         if isinstance(node, ast.Constant):
-            return _Const(text, node.value)
+            return ev.Const(text, node.value)
         if isinstance(node, ast.Name):
             if node.id == "tags":
-                raise src.error(
-                    src.start(node),
-                    "'tags' must be followed by .Keyword or ['Keyword'], e.g. tags.Modality",
-                )
+                return ev.TagsRef(text)
+            if node.id in CONSTANTS:
+                return ev.Const(text, CONSTANTS[node.id])
+            if node.id == "None":
+                return ev.Const(text, None)
             raise src.error(
                 src.start(node),
                 f"function '{node.id}' must be called, e.g. {node.id}(tags.SliceThickness)",
             )
         if isinstance(node, ast.Attribute):
             if _is_tags(node.value):
-                return self._tag(text, node.attr, src.end(node) - len(node.attr))
+                return self._tag(text, node.attr, src.end(node) - len(node.attr), exact=False)
             attr_offset = src.end(node) - len(node.attr)
-            if node.attr in _METHODS:
+            if node.attr in METHODS:
                 raise src.error(attr_offset, f"the method .{node.attr}() must be called with ()")
             raise src.error(attr_offset, _ATTRIBUTE_REASON.format(node.attr))
         if isinstance(node, ast.Subscript):
@@ -857,35 +501,37 @@ class _RuleCompiler:
         if isinstance(node, ast.Call):
             return self._call(node, text, deeper)
         if isinstance(node, ast.Compare):
-            return self._compare(node, text, deeper)
+            ops = tuple(_COMPARE_SYMBOLS[type(op)] for op in node.ops)
+            comparators = tuple(self.build(c, deeper) for c in node.comparators)
+            return ev.Compare(text, self.build(node.left, deeper), ops, comparators)
         if isinstance(node, ast.BoolOp):
             items = tuple(self.build(value, deeper) for value in node.values)
-            return _And(text, items) if isinstance(node.op, ast.And) else _Or(text, items)
+            return ev.And(text, items) if isinstance(node.op, ast.And) else ev.Or(text, items)
         if isinstance(node, ast.UnaryOp):
             if isinstance(node.op, ast.Not):
-                return _Not(text, self.build(node.operand, deeper))
-            negative = isinstance(node.op, ast.USub)
+                return ev.Not(text, self.build(node.operand, deeper))
             operand = node.operand
             if (
-                isinstance(operand, ast.Constant)
+                isinstance(node.op, ast.USub | ast.UAdd)
+                and isinstance(operand, ast.Constant)
                 and isinstance(operand.value, int | float)
                 and not isinstance(operand.value, bool)
             ):
-                return _Const(text, -operand.value if negative else operand.value)
-            return _Negate(text, self.build(operand, deeper), negative=negative)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr | ast.BitAnd):
-            symbol = "|" if isinstance(node.op, ast.BitOr) else "&"
-            return _BitLogic(
+                negative = isinstance(node.op, ast.USub)
+                return ev.Const(text, -operand.value if negative else operand.value)
+            return ev.UnaryOp(text, _UNARY_SYMBOLS[type(node.op)], self.build(operand, deeper))
+        if isinstance(node, ast.BinOp):
+            symbol = _BINOP_SYMBOLS[type(node.op)]
+            return ev.BinOp(
                 text, symbol, self.build(node.left, deeper), self.build(node.right, deeper)
             )
         if isinstance(node, ast.List | ast.Tuple | ast.Set):
-            raise src.error(
-                src.start(node),
-                f"{_friendly(node)} is only allowed on the right side of 'in' or 'not in'",
-            )
+            kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
+            items = tuple(self.build(element, deeper) for element in node.elts)
+            return ev.Collection(text, kind, items)
         raise src.error(src.start(node), f"{_friendly(node)} is not allowed")
 
-    def _tag(self, text: str, name: str, offset: int) -> _Tag:
+    def _tag(self, text: str, name: str, offset: int, *, exact: bool) -> ev.Tag:
         if name.startswith("_"):
             raise self.src.error(offset, _ATTRIBUTE_REASON.format(name))
         if not _TAG_NAME_RE.fullmatch(name):
@@ -895,48 +541,23 @@ class _RuleCompiler:
                 "starting with a letter)",
             )
         self.tags_used.add(name)
-        return _Tag(text, name)
+        return ev.Tag(text, name, exact=exact)
 
-    def _int_literal(self, node: ast.expr | None, what: str) -> int | None:
-        if node is None:
-            return None
-        value: object = None
-        if isinstance(node, ast.Constant):
-            value = node.value
-        elif (
-            isinstance(node, ast.UnaryOp)
-            and isinstance(node.op, ast.USub | ast.UAdd)
-            and isinstance(node.operand, ast.Constant)
-        ):
-            inner = node.operand.value
-            if isinstance(inner, int) and not isinstance(inner, bool):
-                value = -inner if isinstance(node.op, ast.USub) else inner
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise self.src.error(
-            self.src.start(node), f"{what} must be an integer literal such as 0, 3 or -1"
-        )
-
-    def _subscript(self, node: ast.Subscript, text: str, depth: int) -> _Node:
+    def _subscript(self, node: ast.Subscript, text: str, depth: int) -> ev.Node:
         src = self.src
         key = node.slice
         if _is_tags(node.value):
             if isinstance(key, ast.Constant) and isinstance(key.value, str):
-                return self._tag(text, key.value, src.start(key) + 1)
-            raise src.error(
-                src.start(key), "tags[...] needs a quoted keyword, e.g. tags['Modality']"
-            )
+                return self._tag(text, key.value, src.start(key) + 1, exact=True)
+            if isinstance(key, ast.Slice):
+                raise src.error(src.start(key), "tags[...] needs a keyword, e.g. tags['Modality']")
+            return ev.DynamicTag(text, self.build(key, depth))
         value = self.build(node.value, depth)
         if isinstance(key, ast.Slice):
-            lower = self._int_literal(key.lower, "a slice bound")
-            upper = self._int_literal(key.upper, "a slice bound")
-            step = self._int_literal(key.step, "a slice step")
-            if step == 0:
-                raise src.error(src.start(key), "the slice step must not be zero")
-            return _Index(text, value, slice(lower, upper, step))
-        index = self._int_literal(key, "an index")
-        assert index is not None
-        return _Index(text, value, index)
+            parts = [self.build(p, depth) if p is not None else None
+                     for p in (key.lower, key.upper, key.step)]  # fmt: skip
+            return ev.Index(text, value, lower=parts[0], upper=parts[1], step=parts[2])
+        return ev.Index(text, value, self.build(key, depth))
 
     def _check_arity(self, node: ast.Call, name: str, low: int, high: int | None) -> None:
         count = len(node.args)
@@ -946,97 +567,59 @@ class _RuleCompiler:
                 f"{name}() takes {_arity_text(low, high)}, got {count}",
             )
 
-    def _call(self, node: ast.Call, text: str, depth: int) -> _Node:
+    def _call(self, node: ast.Call, text: str, depth: int) -> ev.Node:
         src = self.src
         func = node.func
+        if any(isinstance(arg, ast.Starred) for arg in node.args):
+            starred = next(a for a in node.args if isinstance(a, ast.Starred))
+            raise src.error(src.start(starred), "a starred expression (*x) is not allowed")
         if isinstance(func, ast.Name):
-            if func.id not in _FUNCTIONS:
+            if func.id not in FUNCTIONS:
                 raise src.error(
                     src.start(func),
                     f"'{func.id}' cannot be called; use tags.<Keyword> to read a tag",
                 )
-            impl, low, high = _FUNCTIONS[func.id]
+            impl, low, high = FUNCTIONS[func.id]
             self._check_arity(node, func.id, low, high)
-            if func.id in _REGEX_FUNCTIONS:
+            if func.id in REGEX_FUNCTIONS:
                 self._check_pattern(node.args[0], func.id)
             args = tuple(self.build(arg, depth) for arg in node.args)
-            return _Call(text, impl, args)
+            return ev.Call(text, impl, args)
         if isinstance(func, ast.Attribute):
             attr_offset = src.end(func) - len(func.attr)
             if _is_tags(func.value):
                 raise src.error(src.start(func), f"tags.{func.attr} is a tag and cannot be called")
-            if func.attr not in _METHODS:
-                allowed = ", ".join(f".{m}()" for m in sorted(_METHODS))
+            if func.attr not in METHODS:
+                allowed = ", ".join(f".{m}()" for m in sorted(METHODS))
                 raise src.error(
                     attr_offset, f"the method .{func.attr}() is not allowed (allowed: {allowed})"
                 )
-            impl, low, high = _METHODS[func.attr]
+            impl, low, high = METHODS[func.attr]
             self._check_arity(node, f".{func.attr}", low, high)
             receiver = self.build(func.value, depth)
             args = tuple(self.build(arg, depth) for arg in node.args)
-            return _Method(text, receiver, func.attr, impl, args)
+            return ev.Method(text, receiver, func.attr, impl, args)
         raise src.error(
             src.start(func),
             "only the functions "
-            + ", ".join(sorted(_FUNCTIONS))
+            + ", ".join(sorted(FUNCTIONS))
             + " and string methods such as .lower() can be called",
         )
 
     def _check_pattern(self, pattern: ast.expr, name: str) -> None:
         if not isinstance(pattern, ast.Constant):
-            return  # computed at run time; an invalid pattern then becomes a note
+            return  # computed at run time; an invalid pattern then fails the rule
         if not isinstance(pattern.value, str):
             raise self.src.error(
                 self.src.start(pattern), f"the pattern of {name}() must be text in quotes"
             )
         try:
-            _regex(pattern.value)
+            ev.regex(pattern.value)
         except re.error as exc:
             raise self.src.error(
                 self.src.start(pattern),
                 f"invalid regular expression {pattern.value!r}: {exc}",
             ) from None
-
-    def _compare(self, node: ast.Compare, text: str, depth: int) -> _Node:
-        left = self.build(node.left, depth)
-        ops: list[tuple[str, Callable[[Any, Any], Any]]] = []
-        comparators: list[_Node] = []
-        for op, comparator in zip(node.ops, node.comparators, strict=True):
-            ops.append(_COMPARE_OPS[type(op)])  # 'is'/'is not' were rejected by screen()
-            if isinstance(op, ast.In | ast.NotIn) and isinstance(
-                comparator, ast.List | ast.Tuple | ast.Set
-            ):
-                comparators.append(self._literal_collection(comparator))
-            else:
-                comparators.append(self.build(comparator, depth))
-        return _Compare(text, left, tuple(ops), tuple(comparators))
-
-    def _literal_collection(self, node: ast.List | ast.Tuple | ast.Set) -> _Const:
-        values: list[object] = []
-        for element in node.elts:
-            if isinstance(element, ast.Constant):
-                values.append(element.value)
-                continue
-            if isinstance(element, ast.UnaryOp) and isinstance(element.op, ast.USub | ast.UAdd):
-                number = self._int_or_float(element)
-                if number is not None:
-                    values.append(number)
-                    continue
-            raise self.src.error(
-                self.src.start(element),
-                "the elements of a list must be literal values such as 'CT' or 2",
-            )
-        return _Const(self.src.snippet(node), tuple(values))
-
-    @staticmethod
-    def _int_or_float(node: ast.UnaryOp) -> int | float | None:
-        operand = node.operand
-        if not isinstance(operand, ast.Constant):
-            return None
-        value = operand.value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return None
-        return -value if isinstance(node.op, ast.USub) else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -1049,20 +632,38 @@ class CompiledRule:
     """A checked rule, ready to be evaluated against the tags of any number of series.
 
     ``tags_used`` holds every tag keyword the rule mentions (in any branch), so callers can tell
-    which tags a rule depends on without running it.
+    which tags a rule depends on without running it. ``placeholders`` are the legacy
+    ``@Keyword@``/``%Keyword%`` names: mercure replaces only those the series has, so one
+    that is missing leaves the rule unparseable there, and False, whichever branch it is in.
     """
 
     text: str
     tags_used: frozenset[str]
-    _root: _Node = field(repr=False, compare=False)
+    _root: ev.Node = field(repr=False, compare=False)
+    placeholders: tuple[str, ...] = ()
 
     def evaluate(self, tags: Mapping[str, str]) -> RuleResult:
         """Evaluate against ``tags`` (keyword -> string value); never raises."""
-        ctx = _Context(tags)
+        for name in self.placeholders:
+            if tags.get(name) is None:
+                return RuleResult(
+                    False,
+                    (name,),
+                    (f"@{name}@ names a tag the series does not have: mercure leaves it in "
+                     "the rule, which then cannot be read, so the whole rule is False",),
+                )  # fmt: skip
+        ctx = ev.Context(tags)
         try:
             matched = bool(self._root.run(ctx))
+        except ev.Abort as stop:
+            if stop.missing is None:
+                ctx.notes.setdefault(stop.note, None)
+            return RuleResult(False, tuple(ctx.missing), tuple(ctx.notes), surprise=ctx.surprise)
+        except RecursionError:
+            ctx.notes.setdefault("the rule is nested too deeply to evaluate", None)
+            matched = False
         except Exception as exc:  # a defect in this module must not stop routing
-            ctx.fail(f"internal error while evaluating the rule: {exc!r}")
+            ctx.notes.setdefault(f"internal error while evaluating the rule: {exc!r}", None)
             matched = False
         return RuleResult(matched, tuple(ctx.missing), tuple(ctx.notes))
 
@@ -1071,39 +672,43 @@ class CompiledRule:
         return self.evaluate(tags).matched
 
 
-_BOOLEAN_WORDS: Final = {"true": True, "false": False}
-
-
 @functools.lru_cache(maxsize=1024)
 def compile_rule(text: str) -> CompiledRule:
     """Check ``text`` and compile it; raises :class:`RuleError` with the offending column.
 
     Cached, because the same rule text is evaluated for every series that arrives. An empty or
-    blank rule never matches. A rule that is nothing but the quoted word ``"True"`` or
-    ``"False"`` means that boolean (mercure's stored default rule is the text ``False``, and a
-    quoted ``"False"`` that matched everything would be a nasty surprise).
+    blank rule never matches (mercure cannot read it either).
     """
     if not text or not text.strip():
-        return CompiledRule(text or "", frozenset(), _Const("", False))
+        return CompiledRule(text or "", frozenset(), ev.Const("", False))
     source = _Source(text, placeholders=True, kind="rule")
     tree = source.parse()
     compiler = _RuleCompiler(source)
     compiler.screen(tree)
-    body = tree.body
-    if (
-        isinstance(body, ast.Constant)
-        and isinstance(body.value, str)
-        and body.value.strip().lower() in _BOOLEAN_WORDS
-    ):
-        root: _Node = _Const(source.snippet(body), _BOOLEAN_WORDS[body.value.strip().lower()])
-    else:
-        root = compiler.build(body)
-    return CompiledRule(text, frozenset(compiler.tags_used), root)
+    root = compiler.build(tree.body)
+    placeholders = tuple(dict.fromkeys(source.placeholders))
+    return CompiledRule(text, frozenset(compiler.tags_used), root, placeholders)
 
 
 def evaluate_rule(text: str, tags: Mapping[str, str]) -> RuleResult:
     """Compile (cached) and evaluate ``text`` against ``tags``; raises :class:`RuleError`."""
     return compile_rule(text).evaluate(tags)
+
+
+def rule_warnings(text: str) -> list[str]:
+    """What in a valid rule behaves as mercure's evaluator does but may surprise its author."""
+    try:
+        compiled = compile_rule(text)
+    except RuleError:
+        return []
+    found = []
+    root = compiled._root
+    if isinstance(root, ev.Const) and isinstance(root.value, str) and root.value:
+        found.append(
+            f"the rule is the quoted text {root.value!r}, which is always true (as in mercure); "
+            "write it without quotes for the value True or False"
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -1130,6 +735,16 @@ class _SeriesTerm(_SeriesExpr):
         return any(self.needle in description for description in series)
 
 
+class _SeriesNot(_SeriesExpr):
+    __slots__ = ("part",)
+
+    def __init__(self, part: _SeriesExpr) -> None:
+        self.part = part
+
+    def matches(self, series: Sequence[str]) -> bool:
+        return not self.part.matches(series)
+
+
 class _SeriesAll(_SeriesExpr):
     __slots__ = ("parts",)
 
@@ -1152,7 +767,7 @@ class _SeriesAny(_SeriesExpr):
 
 _SERIES_KIND: Final = "series list"
 _SERIES_HINT: Final = (
-    "only quoted series descriptions combined with 'and', 'or' and parentheses are allowed"
+    "only quoted series descriptions combined with 'and', 'or', 'not' and parentheses are allowed"
 )
 
 
@@ -1176,7 +791,9 @@ def _build_series(src: _Source, node: ast.expr, depth: int) -> _SeriesExpr:
             src.operator_offset(node.left, node.right), f"{_friendly(node)}: {_SERIES_HINT}"
         )
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        raise src.error(src.start(node), f"'not' is not allowed; {_SERIES_HINT}")
+        # mercure's editor refuses 'not', but its router evaluates it: a configuration that
+        # uses it routes the same here.
+        return _SeriesNot(_build_series(src, node.operand, depth + 1))
     raise src.error(src.start(node), f"{_friendly(node)} is not allowed; {_SERIES_HINT}")
 
 

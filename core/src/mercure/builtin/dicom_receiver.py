@@ -21,7 +21,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mercure import dimse_tuning, hookimpl
+from mercure import dimse_tuning, hookimpl, mpps
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings, ReceiverStats
 from mercure.builtin.dicom_gate import tls_failure
 from mercure.builtin.dicom_server import configure_ae, serve
@@ -212,6 +212,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification, UNCOMPRESSED)
+        mpps.add_context(ae, UNCOMPRESSED)
         configure_ae(ae, self.admission.settings)
         return ae
 
@@ -220,6 +221,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.handle_open),
+            *mpps.handlers(self.spool.folder, self._allowed, fsync=self.spool.fsync),
         ]
 
     #: Set by the supervisor when several receiver processes share the port.

@@ -27,6 +27,7 @@ def _build() -> typer.Typer:
         replay_cmd,
         rules_cmd,
         run_cmd,
+        studies_cmd,
         targets_cmd,
     )
 
@@ -39,6 +40,7 @@ def _build() -> typer.Typer:
     control_cmd.install(app)
     ledger_cmd.install(app)
     replay_cmd.install(rules_cmd.app)
+    app.add_typer(studies_cmd.app, name="study")
 
     @app.command()
     def version() -> None:

@@ -63,6 +63,8 @@ def queue(
         arriving = [p for p in incoming.iterdir() if not p.name.startswith(".")]
         if arriving and not as_json:
             typer.echo(f"incoming: {len(arriving)} series still arriving")
+    if not state:
+        show_controls(cfg, as_json)
     for st in states:
         # Jobs move on while we list them (a running router): sort and skip without failing.
         refs = sorted(store.list([st]), key=lambda r: -store.age(r))
@@ -123,6 +125,31 @@ def queue(
                 f"  {ref.id}  {task.info.action:<12} -> {','.join(task.target_names) or '-':<16}"
                 f" {row['instances']} inst  series {task.info.uid}{extra}"
             )
+
+
+def show_controls(cfg: Config, as_json: bool) -> None:
+    """Suspended services (HALT) and studies being collected, above the job list."""
+    from mercure.controls import CONTROLLED, suspended_by
+
+    for what in CONTROLLED:
+        by = suspended_by(cfg, what)
+        if by is None:
+            continue
+        if as_json:
+            typer.echo(json.dumps({"suspended": what, **by}))
+            continue
+        since = by.get("since")
+        when = "?"
+        if isinstance(since, int | float):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(since)))
+        reason = f": {by['reason']}" if by.get("reason") else ""
+        typer.echo(f"{what}: SUSPENDED since {when} by {by.get('by', '?')}{reason} "
+                   f"(`mercure resume {what}`)")  # fmt: skip
+    studies = cfg.folder("studies")
+    if studies.is_dir():
+        collecting = [p for p in studies.iterdir() if not p.name.startswith(".") and p.is_dir()]
+        if collecting and not as_json:
+            typer.echo(f"studies: {len(collecting)} being collected (`mercure study list`)")
 
 
 @job_app.command("show")

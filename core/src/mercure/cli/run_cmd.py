@@ -48,7 +48,13 @@ def install(app: typer.Typer) -> None:
             targets=len(cfg.targets),
         )
         try:
-            supervisor = Supervisor(build_runtime(cfg, loaded.plugins), names)
+            watched = None if loaded.source.startswith("built-in") else Path(loaded.source)
+            supervisor = Supervisor(
+                build_runtime(cfg, loaded.plugins),
+                names,
+                config_path=watched,
+                overrides={"port": port} if port is not None else None,
+            )
         except ValueError as exc:
             raise die(str(exc)) from None
         try:

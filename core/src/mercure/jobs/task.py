@@ -86,6 +86,26 @@ class TaskStudy(BaseModel):
     received_series: list[str] | None = None
     received_series_uid: list[str] | None = None
     complete_force: bool = False
+    # mercure 0.4: the rule's study_force_completion_action (discard, proceed or ignore).
+    complete_force_action: str | None = "discard"
+
+
+class StudyCollection(BaseModel):
+    """This project's record of a study being collected (mercure modules never see it).
+
+    ``parts`` are the routing plans whose series were added, so that a router that died while
+    adding one adds it once; the times are epoch seconds (mercure's study section keeps local
+    clock text); ``released`` says why the study left ``studies/``.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    rule: str
+    parts: list[str] = []
+    created_at: float = 0.0
+    last_receive_at: float = 0.0
+    released: str | None = None
+    released_at: float | None = None
 
 
 class Task(BaseModel):
@@ -106,6 +126,8 @@ class Task(BaseModel):
     history: list[str] = []
     parent_id: str | None = None
     """The processing job whose results this job delivers (``both`` rules)."""
+    collection: StudyCollection | None = None
+    """Set on study jobs: how the study was collected and released."""
 
     @property
     def dispatch_state(self) -> TaskDispatch | None:

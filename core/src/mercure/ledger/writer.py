@@ -53,6 +53,11 @@ SERVICES: dict[str, str] = {
     TaskEventType.COMPLETED: "dispatcher",
     TaskEventType.MANUAL_RETRY: "cli",
     TaskEventType.MANUAL_DISCARD: "cli",
+    TaskEventType.SUSPENDED: "cli",
+    TaskEventType.RESUMED: "cli",
+    TaskEventType.STUDY_FORCE_REQUESTED: "cli",
+    TaskEventType.STUDY_COLLECTED: "router",
+    TaskEventType.STUDY_RELEASED: "router",
     TaskEventType.NOTIFICATION_SENT: "notifier",
     TaskEventType.NOTIFICATION_GIVEN_UP: "notifier",
 }

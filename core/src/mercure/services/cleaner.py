@@ -1,5 +1,7 @@
 """The cleaner: deletes delivered and discarded jobs after the retention period.
 
+As in mercure, that regular pass runs only off-peak (``offpeak_start..offpeak_end`` in
+``local_time``), when cleaning I/O does not compete with images arriving and leaving.
 ``error/`` is never touched (an operator decides), nor anything not yet delivered. When the
 disk passes ``emergency_clean_percentage``, the oldest delivered jobs in ``success/`` go first,
 before their retention ends; discarded and undelivered data stay.
@@ -11,6 +13,7 @@ import shutil
 import time
 
 from mercure.jobs.store import JobRef
+from mercure.priorities import OffpeakWindow
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
 
@@ -21,15 +24,23 @@ class Cleaner(Service):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime.config.cleaner_scan_interval)
         self.runtime = runtime
+        #: The clock of the off-peak check (tests set it).
+        self.clock = time.time
+
+    @property
+    def window(self) -> OffpeakWindow:
+        """The off-peak window of the running configuration (it may be reloaded)."""
+        return OffpeakWindow.from_config(self.runtime.config)
 
     def run_once(self) -> int:
         store = self.runtime.store
         config = self.runtime.config
         now = time.time()
         removed = 0
-        for ref in store.list(("success", "discard")):
-            if store.age(ref, now) >= config.retention:
-                removed += self._remove(ref)
+        if self.window.contains(self.clock()):
+            for ref in store.list(("success", "discard")):
+                if store.age(ref, now) >= config.retention:
+                    removed += self._remove(ref)
         removed += self.emergency_clean()
         self.runtime.spool.clean_tmp()
         store.clean_staging()

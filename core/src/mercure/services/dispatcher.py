@@ -27,6 +27,7 @@ from mercure.jobs.incoming import instance_files, instance_names
 from mercure.jobs.store import JobRef
 from mercure.jobs.task import DeliveryAttempt, Task, TaskDispatch
 from mercure.ledger.digest import digests as instance_digests
+from mercure.priorities import PRIORITIES, OffpeakWindow, Priority, PriorityPicker, rule_priority
 from mercure.processing.results import completion_notice
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
@@ -64,29 +65,85 @@ class Dispatcher(Service):
             max_workers=runtime.config.dispatcher_workers, thread_name_prefix="dispatch"
         )
         self.in_flight: dict[str, Future[None]] = {}
-        # job id -> next_retry_at, and a heap of (due, id) over it: a pass reads no task files
-        # and costs the same per job whether 100 or 20,000 jobs wait.
+        # job id -> next_retry_at, and per priority a heap of (due, arrived, id) over it: a pass
+        # reads no task files and costs the same per job whether 100 or 20,000 jobs wait.
         self.due_at: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+        self.priority_of: dict[str, Priority] = {}
+        self.arrived: dict[str, float] = {}
+        self._heaps: dict[Priority, list[tuple[float, float, str]]] = {p: [] for p in PRIORITIES}
+        self.picker = PriorityPicker()
+        #: The clock of the off-peak check (tests set it; the rest of the dispatcher is real).
+        self.clock = time.time
+        self._halted = False
         self._next_scan = 0.0
         self._rescan = True
         self._lock = threading.Lock()
-        self._halted = False
+
+    @property
+    def window(self) -> OffpeakWindow:
+        """The off-peak window of the running configuration (it may be reloaded)."""
+        return OffpeakWindow.from_config(self.runtime.config)
 
     def wake(self) -> None:
         """New jobs may be waiting: list ``outgoing/`` again on the next pass."""
         self._rescan = True
         super().wake()
 
-    def _schedule(self, job_id: str, due: float) -> None:
+    def _schedule(self, job_id: str, due: float, priority: Priority | None = None) -> None:
         with self._lock:
+            if priority is not None:
+                self.priority_of[job_id] = priority
+            prio = self.priority_of.get(job_id, "normal")
             self.due_at[job_id] = due
-            heapq.heappush(self._heap, (due, job_id))
+            heapq.heappush(self._heaps[prio], (due, self.arrived.get(job_id, 0.0), job_id))
 
     def _forget(self, job_id: str) -> None:
         """The job left outgoing/: if it comes back (``mercure job retry``), scan it anew."""
         with self._lock:
             self.due_at.pop(job_id, None)
+            self.priority_of.pop(job_id, None)
+            self.arrived.pop(job_id, None)
+
+    def halted(self) -> bool:
+        """mercure's HALT file in ``outgoing/``: no new delivery starts while it is there."""
+        halted = is_suspended(self.runtime.config, "dispatching")
+        if halted != self._halted:
+            self._halted = halted
+            if halted:
+                self.log.warning("dispatching suspended: HALT file present")
+            else:
+                self.log.info("dispatching resumed: HALT file removed")
+        return halted
+
+    def _head(self, priority: Priority, now: float) -> tuple[float, float, str] | None:
+        """The oldest due job of one priority (stale heap entries are dropped on the way)."""
+        heap = self._heaps[priority]
+        while heap:
+            due, _arrived, name = heap[0]
+            if self.due_at.get(name) != due or name in self.in_flight:
+                heapq.heappop(heap)
+                continue
+            return heap[0] if due <= now else None
+        return None
+
+    def _next_due(self, now: float) -> str | None:
+        """The next job to send: urgent on two picks of three, offpeak only in its window."""
+        urgent = self._head("urgent", now)
+        normal = self._head("normal", now)
+        if self.window.contains(self.clock()):
+            offpeak = self._head("offpeak", now)
+            if offpeak is not None and (normal is None or offpeak[1] < normal[1]):
+                normal = offpeak
+        kind = self.picker.choose(urgent is not None, normal is not None)
+        if kind is None:
+            return None
+        entry = urgent if kind == "urgent" else normal
+        assert entry is not None
+        for heap in self._heaps.values():  # the entry is the head of its priority's heap
+            if heap and heap[0] is entry:
+                heapq.heappop(heap)
+                break
+        return entry[2]
 
     def _scan(self, now: float) -> None:
         outgoing = self.runtime.store.folders["outgoing"]
@@ -101,14 +158,21 @@ class Dispatcher(Service):
             for gone in set(self.due_at) - names:
                 del self.due_at[gone]
         for name in names - set(self.due_at):
-            due = self._read_due(outgoing / name)
-            if due is not None:
-                self._schedule(name, due)
+            found = self._read_due(outgoing / name)
+            if found is not None:
+                self._schedule(name, *found)
         with self._lock:
-            if len(self._heap) > 2 * len(self.due_at) + 64:  # drop stale heap entries
-                self._heap = [(d, n) for n, d in self.due_at.items()]
-                heapq.heapify(self._heap)
+            if sum(map(len, self._heaps.values())) > 2 * len(self.due_at) + 64:
+                self._rebuild_heaps()  # drop stale heap entries
         self._next_scan = now + self.interval
+
+    def _rebuild_heaps(self) -> None:
+        self._heaps = {p: [] for p in PRIORITIES}
+        for name, due in self.due_at.items():
+            prio = self.priority_of.get(name, "normal")
+            self._heaps[prio].append((due, self.arrived.get(name, 0.0), name))
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
 
     def run_once(self) -> int:
         now = time.time()
@@ -125,37 +189,28 @@ class Dispatcher(Service):
         submitted = 0
         while free > 0 and not self.stop_event.is_set():
             with self._lock:
-                if not self._heap or self._heap[0][0] > now:
+                name = self._next_due(now)
+                if name is None:
                     break
-                due, name = heapq.heappop(self._heap)
-                if self.due_at.get(name) != due or name in self.in_flight:
-                    continue  # stale entry (rescheduled, gone or running)
                 ref = JobRef(name, "outgoing", outgoing / name)
                 self.in_flight[name] = self.pool.submit(self._deliver_logged, ref)
             free -= 1
             submitted += 1
         return submitted
 
-    def halted(self) -> bool:
-        """mercure's HALT file in ``outgoing/``: no new delivery starts while it is there."""
-        halted = is_suspended(self.runtime.config, "dispatching")
-        if halted != self._halted:
-            self._halted = halted
-            if halted:
-                self.log.warning("dispatching suspended: HALT file present")
-            else:
-                self.log.info("dispatching resumed: HALT file removed")
-        return halted
-
-    def _read_due(self, folder: Path) -> float | None:
+    def _read_due(self, folder: Path) -> tuple[float, Priority] | None:
+        """When the job is due and its priority (from its rules in the running configuration)."""
         try:
+            arrived = folder.stat().st_mtime
             task = Task.model_validate_json((folder / "task.json").read_bytes())
         except FileNotFoundError:
             return None
         except ValueError:
-            return 0.0  # unreadable task file: let deliver() move it to error with the reason
+            return 0.0, "urgent"  # unreadable task file: deliver() moves it to error/ with why
+        self.arrived[folder.name] = arrived
+        prio = rule_priority(self.runtime.config, task.info.applied_rule, task.info.triggered_rules)
         dispatch = task.dispatch_state
-        return float(dispatch.next_retry_at or 0.0) if dispatch else 0.0
+        return (float(dispatch.next_retry_at or 0.0) if dispatch else 0.0), prio
 
     def _deliver_logged(self, ref: JobRef) -> None:
         try:

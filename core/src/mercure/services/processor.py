@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from mercure.controls import is_suspended
 from mercure.jobs.claims import Claim
 from mercure.jobs.store import JobRef
+from mercure.priorities import OffpeakWindow, Priority, PriorityPicker, rule_priority
 from mercure.processing.job import JobRun
 from mercure.processing.selection import Runners
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
 
-HALT = "HALT"
 RETRY_PAUSE = 30.0
 """Seconds before a job whose processing raised unexpectedly is taken again."""
 
@@ -49,13 +50,24 @@ class Processor(Service):
         self.on_jobs_created: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._halted = False
+        self.picker = PriorityPicker()
+        #: The clock of the off-peak check (tests set it).
+        self.clock = time.time
+        # job id -> (applied rule, triggered rules): a job's rules never change, its priority
+        # follows the running configuration.
+        self._rules: dict[str, tuple[str | None, object]] = {}
+
+    @property
+    def window(self) -> OffpeakWindow:
+        """The off-peak window of the running configuration (it may be reloaded)."""
+        return OffpeakWindow.from_config(self.runtime.config)
 
     @property
     def folder(self) -> os.PathLike[str]:
         return self.runtime.store.folders["processing"]
 
     def halted(self) -> bool:
-        halted = os.path.exists(os.path.join(self.folder, HALT))
+        halted = is_suspended(self.runtime.config, "processing")
         if halted != self._halted:
             self._halted = halted
             if halted:
@@ -84,7 +96,7 @@ class Processor(Service):
             candidates.append((arrived, ref.id, ref))
         candidates.sort(key=lambda c: (c[0], c[1]))
         started = 0
-        for _arrived, _name, ref in candidates:
+        for ref in self._by_priority([ref for _a, _n, ref in candidates]):
             if free <= 0 or self.stop_event.is_set():
                 break
             if store.is_open(ref):
@@ -102,7 +114,35 @@ class Processor(Service):
         known = {ref.id for _a, _n, ref in candidates}
         for job_id in [j for j in self.pause_until if j not in known]:
             del self.pause_until[job_id]
+        for job_id in [j for j in self._rules if j not in known and j not in self.in_flight]:
+            del self._rules[job_id]
         return started
+
+    def _priority(self, ref: JobRef) -> Priority:
+        rules = self._rules.get(ref.id)
+        if rules is None:
+            try:
+                task = self.runtime.store.read(ref)
+            except (OSError, ValueError):
+                return "urgent"  # unreadable: let the job run fail it with the reason now
+            rules = (task.info.applied_rule, task.info.triggered_rules)
+            self._rules[ref.id] = rules
+        return rule_priority(self.runtime.config, rules[0], rules[1])
+
+    def _by_priority(self, refs: list[JobRef]) -> Iterator[JobRef]:
+        """Oldest first within a priority; urgent on two picks of three; offpeak in its window
+        only (mercure's ``prioritize_tasks``)."""
+        offpeak_open = self.window.contains(self.clock())
+        urgent: list[JobRef] = []
+        normal: list[JobRef] = []
+        for ref in refs:
+            prio = self._priority(ref)
+            if prio == "urgent":
+                urgent.append(ref)
+            elif prio == "normal" or offpeak_open:
+                normal.append(ref)
+        while (ref := self.picker.pick(urgent, normal)) is not None:
+            yield ref
 
     def _process(self, ref: JobRef, claim: Claim) -> None:
         try:

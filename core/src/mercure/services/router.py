@@ -36,11 +36,14 @@ from mercure.jobs.incoming import (
     write_plan_once,
 )
 from mercure.jobs.store import State
+from mercure.jobs.studies import StudyBusy, StudyStore
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo, TaskProcessing
 from mercure.metrics import Metric
+from mercure.mpps import MPPS_FOLDER, MppsIndex
 from mercure.rules import RuleResult, compile_rule
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
+from mercure.services.studies import RELEASE_STATE, StudyReleaser, collect_series, study_task
 from mercure.tags import read_tags
 
 EARLY_DISPATCH_INTERVAL = 0.1
@@ -105,6 +108,51 @@ class PlannedJob:
     rules: list[str]
     #: Notification-only rules that matched next to this job's rules: told on reception too.
     notify: list[str] = field(default_factory=list)
+    #: Set for a series that a study-level rule collects: the series goes into that rule's
+    #: study (``task`` is the study job's task file should this series start the study;
+    #: ``state`` where the study goes once complete).
+    study: str | None = None
+
+
+def rule_processes(config: Config, rule: Rule) -> Any:
+    """The ``process`` section of a rule's jobs: one step, or a list for a chain."""
+    processes = [
+        TaskProcessing(
+            module_name=module,
+            module_config=config.modules.get(module),
+            settings=module_settings(config, module, rule.processing_settings, i),
+            retain_input_images=rule.processing_retain_images,
+        )
+        for i, module in enumerate(rule.modules)
+    ]
+    if not processes:
+        return {}
+    return processes[0] if len(processes) == 1 else processes
+
+
+def _study_entry(
+    config: Config,
+    tags: dict[str, str],
+    name: str,
+    rule: Rule,
+    now: float,
+    task: Callable[..., dict[str, Any]],
+) -> PlannedJob:
+    """The plan entry of a study-level rule: collect the series into the rule's study."""
+    if not tags.get("StudyInstanceUID"):
+        reason = (
+            f"rule '{name}' collects studies, but the series has no StudyInstanceUID; "
+            "the series was not routed"
+        )
+        t = task(rule.action, [name])
+        t["error"] = reason
+        t["info"]["fail_stage"] = "ROUTING"
+        return PlannedJob(t["id"], "error", t, TaskEventType.MOVED_TO_ERROR, [name])
+    processes = rule_processes(config, rule) if rule.action in ("process", "both") else {}
+    study = study_task(config, name, tags, processes, now).model_dump(mode="json")
+    state = RELEASE_STATE.get(rule.action, "outgoing")
+    key = str(uuid.uuid4())
+    return PlannedJob(key, state, study, TaskEventType.STUDY_COLLECTED, [name], study=name)
 
 
 def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[PlannedJob]:
@@ -143,29 +191,20 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
     notification_only: list[str] = []
     for name in decision.triggered:
         rule: Rule = config.rules[name]
-        if rule.action == "route":
+        if rule.action_trigger == "study":
+            jobs.append(_study_entry(config, tags, name, rule, now, task))
+        elif rule.action == "route":
             for target in rule.targets:
                 route_targets.setdefault(target, []).append(name)
         elif rule.action in ("process", "both"):
-            modules = rule.modules
-            settings = rule.processing_settings
-            processes = [
-                TaskProcessing(
-                    module_name=module,
-                    module_config=config.modules.get(module),
-                    settings=module_settings(config, module, settings, i),
-                    retain_input_images=rule.processing_retain_images,
-                )
-                for i, module in enumerate(modules)
-            ]
+            processes = rule_processes(config, rule)
             dispatch: Any = {}
             if rule.action == "both" and rule.targets:
                 dispatch = TaskDispatch(
                     target_name=rule.targets[0] if len(rule.targets) == 1 else rule.targets,
                     series_uid=series_uid,
                 )
-            process: Any = processes[0] if len(processes) == 1 else processes
-            t = task(rule.action, [name], process=process, dispatch=dispatch)
+            t = task(rule.action, [name], process=processes, dispatch=dispatch)
             jobs.append(
                 PlannedJob(t["id"], "processing", t, TaskEventType.QUEUED_FOR_PROCESSING, [name])
             )
@@ -177,10 +216,10 @@ def plan_jobs(config: Config, tags: dict[str, str], decision: Decision) -> list[
         jobs.append(PlannedJob(t["id"], "outgoing", t, TaskEventType.ROUTED, rules))
     if not jobs:
         # Only notification rules matched: tell people, keep the images for the retention time.
-        t = task("notification", notification_only)
-        jobs.append(
-            PlannedJob(t["id"], "discard", t, TaskEventType.NOTIFICATION, notification_only)
-        )
+        kind = "notification" if notification_only else "discard"
+        event = TaskEventType.NOTIFICATION if notification_only else TaskEventType.DISCARDED
+        t = task(kind, notification_only)
+        jobs.append(PlannedJob(t["id"], "discard", t, event, notification_only))
     elif notification_only:
         # mercure sends a notification rule's reception notice whatever else matched.
         jobs[0].notify = notification_only
@@ -207,6 +246,12 @@ class Router(Service):
         self._plans: dict[str, list[PlannedJob]] = {}
         # series folders whose routing failed with an OSError (warned once each)
         self._stalled: set[str] = set()
+        self.studies = StudyStore(
+            runtime.config.folder("studies"), runtime.store, fsync=runtime.fsync
+        )
+        #: What modalities reported by MPPS: series and studies complete without waiting.
+        self.mpps = MppsIndex(runtime.spool.folder / MPPS_FOLDER)
+        self.releaser = StudyReleaser(runtime, self.studies, self.mpps)
 
     def run_once(self) -> int:
         handled = 0
@@ -220,10 +265,11 @@ class Router(Service):
         now = time.time()
         quiet = self.runtime.config.series_complete_trigger
         arriving = spool.series()
+        self.mpps.refresh(now)
         for series in arriving:
             if self.stop_event.is_set():
                 return handled
-            if now - series.last_change >= quiet:
+            if now - series.last_change >= quiet or self._reported_complete(series.path):
                 self._linked.pop(series.path.name, None)
                 self._plans.pop(series.path.name, None)
                 taken_path = spool.take(series.path)
@@ -235,10 +281,35 @@ class Router(Service):
             names = {s.path.name for s in arriving}
             self._linked = {k: v for k, v in self._linked.items() if k in names}
             self._plans = {k: v for k, v in self._plans.items() if k in names}
+        if not self.stop_event.is_set():
+            handled += self._release_studies()
         if handled:
             for callback in self.on_jobs_created:
                 callback()
         return handled
+
+    def _reported_complete(self, folder: Path) -> bool:
+        """Every instance a COMPLETED MPPS step lists for this series is in (no waiting)."""
+        if not self.mpps.series_instances:
+            return False
+        try:
+            present = instance_names(folder)
+        except FileNotFoundError:
+            return False
+        if not self.mpps.series_complete(folder.name, present):
+            return False
+        self.log.info("series complete: MPPS listed instances all in", folder=folder.name,
+                      instances=len(present))  # fmt: skip
+        return True
+
+    def _release_studies(self) -> int:
+        """Release the complete studies (mercure's ``route_studies``, after the series)."""
+        try:
+            return self.releaser.run_once()
+        except OSError as exc:
+            self.log.warning("cannot release studies now; tried again on the next pass",
+                             error=str(exc))  # fmt: skip
+            return 0
 
     def _one_series(self, folder: Path, step: Callable[[Path], int], arg: Path) -> int:
         """Run one series' step; an ``OSError`` (a full disk) leaves that series for the next pass.
@@ -248,6 +319,9 @@ class Router(Service):
         """
         try:
             handled = step(arg)
+        except StudyBusy as exc:
+            self.log.info("study busy; the series is added on the next pass", error=str(exc))
+            return 0
         except OSError as exc:
             if folder.name not in self._stalled:
                 self._stalled.add(folder.name)
@@ -288,7 +362,7 @@ class Router(Service):
         return [PlannedJob(**j) for j in stored]
 
     def _streams(self, job: PlannedJob) -> bool:
-        if job.state != "outgoing":
+        if job.state != "outgoing" or job.study is not None:
             return False
         targets = job.task.get("dispatch", {}).get("target_name") or []
         names = [targets] if isinstance(targets, str) else list(targets)
@@ -359,6 +433,13 @@ class Router(Service):
         )
         notified: set[str] = set()
         for job in plan:
+            if job.study is not None:
+                collect_series(self.runtime, self.studies, folder, job.id, job.task, files)
+                for rule in job.notify:
+                    if rule not in notified:
+                        notified.add(rule)
+                        self.runtime.notify_rule("reception", rule, job.id, job.task["tags"])
+                continue
             task = Task.model_validate(job.task)
             ref = store.create(job.state, task, files)
             if store.is_open(ref):

@@ -75,6 +75,27 @@ class Runtime:
             self._targets[name] = impl
             return impl
 
+    def reconfigure(self, config: Config) -> None:
+        """Run with ``config`` from now on (a reloaded ``mercure.json``).
+
+        Targets whose settings changed, or that are gone, are closed and rebuilt on next use;
+        notifier and metrics-sink instances stay as they started (a restart changes them).
+        """
+        with self._lock:
+            old = self.config
+            stale = [
+                name
+                for name in self._targets
+                if name not in config.targets or config.targets[name] != old.targets.get(name)
+            ]
+            closing = [self._targets.pop(name) for name in stale]
+            self.config = config
+        for target in closing:
+            try:
+                target.close()
+            except Exception as exc:
+                log.warning("closing target failed", target=target.name, error=str(exc))
+
     def _notifier_instances(self) -> dict[str, Notifier[Any]]:
         with self._lock:
             if self._notifiers is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from mercure.builtin.dicom_admission import StatsMetrics
@@ -16,6 +17,7 @@ from mercure.plugin_settings import NoSettings
 from mercure.receivers import Receiver, ReceiverContext
 from mercure.services.base import Service
 from mercure.services.cleaner import Cleaner
+from mercure.services.config_watch import ConfigWatcher
 from mercure.services.dispatcher import Dispatcher
 from mercure.services.ledger import LedgerService, check_ledger_settings
 from mercure.services.notifier import NotifierService
@@ -34,7 +36,11 @@ class Supervisor:
     """The services of one process."""
 
     def __init__(
-        self, runtime: Runtime, services: list[str] | tuple[str, ...] | None = None
+        self,
+        runtime: Runtime,
+        services: list[str] | tuple[str, ...] | None = None,
+        config_path: Path | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         # Plugin services: the configured instances, and (with --only) any registered type.
         configured = plugin_service_names(runtime)
@@ -56,6 +62,8 @@ class Supervisor:
         self.services: list[Service] = []
         self.stopped = threading.Event()
         self.pool: ReceiverPool | None = None
+        #: Re-reads the configuration file when it changes (none for the built-in default).
+        self.watcher = ConfigWatcher(runtime, config_path, overrides) if config_path else None
 
     def start(self) -> None:
         rt = self.runtime
@@ -168,6 +176,11 @@ class Supervisor:
             while not stop.wait(1.0):
                 if self.pool is not None:
                     self.pool.check()
+                if self.watcher is not None:
+                    try:
+                        self.watcher.check()
+                    except Exception:  # a reload must never stop the router
+                        log.exception("re-reading the configuration failed")
                 if time.monotonic() - last_run >= RUN_EVENT_INTERVAL:
                     last_run = time.monotonic()
                     self.runtime.metrics(*(Metric("events.run", 1, service=n) for n in self.names))
