@@ -8,17 +8,16 @@ import re
 from pathlib import Path
 
 import pytest
-from mercure import rule_eval
+from mercure import rule_eval, rule_source, study_trigger
 from mercure import rules as rules_module
 from mercure.rules import (
     CompiledRule,
     RuleError,
     RuleResult,
-    check_completion_series,
     compile_rule,
     evaluate_rule,
-    parse_completion_series,
 )
+from mercure.study_trigger import check_completion_series, parse_completion_series
 
 TAGS: dict[str, str] = {
     "Modality": "MR",
@@ -611,7 +610,8 @@ def test_long_flat_rules_are_fine() -> None:
 
 def test_source_never_uses_the_builtin_evaluators() -> None:
     source = Path(rules_module.__file__).read_text(encoding="utf-8")
-    source += Path(rule_eval.__file__).read_text(encoding="utf-8")
+    for module in (rule_eval, rule_source, study_trigger):
+        source += Path(module.__file__).read_text(encoding="utf-8")
     assert "eval(" not in source
     assert "exec(" not in source
     assert not re.search(r"\bcompile\(", source.replace("re.compile(", ""))

@@ -13,7 +13,8 @@ which mercure's documentation shows but its code does not read, is accepted here
 from __future__ import annotations
 
 import pytest
-from mercure.rules import RuleError, compile_rule, parse_completion_series
+from mercure.rules import RuleError, compile_rule
+from mercure.study_trigger import parse_completion_series
 
 TAGS = {
     "Modality": "MR",

@@ -582,7 +582,7 @@ def _check_studies_and_times(config: Config) -> list[tuple[str, str]]:
     as never complete; here it is refused when the configuration loads, with its column.
     """
     from mercure.priorities import config_errors
-    from mercure.rules import check_completion_series
+    from mercure.study_trigger import check_completion_series
 
     errors = config_errors(config)
     for name, rule in config.rules.items():

@@ -38,73 +38,25 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from mercure import rule_eval as ev
 from mercure.rule_eval import CONSTANTS, FUNCTIONS, METHODS, REGEX_FUNCTIONS
+from mercure.rule_source import BINOP_SYMBOLS, MAX_DEPTH, RuleError, Source, friendly
 
 __all__ = [
     "CompiledRule",
     "RuleError",
     "RuleResult",
-    "check_completion_series",
     "compile_rule",
     "evaluate_rule",
-    "parse_completion_series",
     "rule_warnings",
 ]
 
-# Deepest nesting of the expression tree that is compiled; keeps the evaluator's recursion bounded.
-_MAX_DEPTH: Final = 100
 
 _TAG_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-# Legacy placeholders: @Keyword@ and %Keyword%. Names starting with "_" are matched on purpose,
-# so that they are rewritten and then rejected with a precise message.
-_PLACEHOLDER_RE: Final = re.compile(r"([@%])([A-Za-z_][A-Za-z0-9_]*)\1")
-
-
-class RuleError(ValueError):
-    """A rule (or study-completion series list) that cannot be compiled.
-
-    Raised at compile time, never while routing, so that a bad rule is reported when the
-    configuration is loaded or tested. ``offset`` (0-based) and ``position`` (1-based column)
-    point into the text exactly as the user wrote it, legacy placeholders included; they count
-    characters from the start of the text (a newline counts as one character).
-    """
-
-    rule: str
-    offset: int
-    position: int
-    reason: str
-    kind: str  # "rule", or "series list" for study_trigger_series
-
-    def __init__(self, rule: str, offset: int, reason: str, *, kind: str = "rule") -> None:
-        offset = max(0, min(offset, len(rule)))
-        self.rule = rule
-        self.offset = offset
-        self.position = offset + 1
-        self.reason = reason
-        self.kind = kind
-        super().__init__(f"{kind} {rule!r} column {offset + 1}: {reason}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keeps the error picklable (worker processes report it to the parent).
-        return (_rebuild_rule_error, (self.rule, self.offset, self.reason, self.kind))
-
-    def caret(self) -> str:
-        """The offending line of the text and a ``^`` under the error column, for CLI output."""
-        line_start = self.rule.rfind("\n", 0, self.offset) + 1
-        line_end = self.rule.find("\n", self.offset)
-        line = self.rule[line_start : line_end if line_end >= 0 else len(self.rule)]
-        # Keep tabs so that the caret lines up under the same character.
-        pad = "".join(c if c == "\t" else " " for c in self.rule[line_start : self.offset])
-        return f"{line}\n{pad}^"
-
-
-def _rebuild_rule_error(rule: str, offset: int, reason: str, kind: str) -> RuleError:
-    return RuleError(rule, offset, reason, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -150,210 +102,6 @@ _ATTRIBUTE_REASON: Final = (
     "attribute access '{}' is not allowed (only tags.<Keyword> and string methods such as .lower())"
 )
 
-_BINOP_SYMBOLS: Final[dict[type[ast.operator], str]] = {
-    ast.Add: "+",
-    ast.Sub: "-",
-    ast.Mult: "*",
-    ast.Div: "/",
-    ast.FloorDiv: "//",
-    ast.Mod: "%",
-    ast.Pow: "**",
-    ast.LShift: "<<",
-    ast.RShift: ">>",
-    ast.BitOr: "|",
-    ast.BitXor: "^",
-    ast.BitAnd: "&",
-    ast.MatMult: "@",
-}
-
-_FRIENDLY_NAMES: Final[dict[type[ast.AST], str]] = {
-    ast.Lambda: "lambda",
-    ast.ListComp: "a list comprehension",
-    ast.SetComp: "a set comprehension",
-    ast.DictComp: "a dict comprehension",
-    ast.GeneratorExp: "a generator expression",
-    ast.IfExp: "a conditional expression (x if c else y)",
-    ast.Dict: "a dict literal",
-    ast.JoinedStr: "an f-string",
-    ast.FormattedValue: "an f-string",
-    ast.NamedExpr: "an assignment expression (:=)",
-    ast.Starred: "a starred expression (*x)",
-    ast.Await: "await",
-    ast.Yield: "yield",
-    ast.YieldFrom: "yield",
-    ast.List: "a list",
-    ast.Tuple: "a tuple",
-    ast.Set: "a set",
-    ast.Call: "a function call",
-    ast.Attribute: "attribute access",
-    ast.Subscript: "indexing",
-    ast.Compare: "a comparison",
-    ast.UnaryOp: "a unary operator",
-    ast.BoolOp: "'and'/'or'",
-}
-
-
-def _friendly(node: ast.AST) -> str:
-    if isinstance(node, ast.BinOp):
-        return f"the operator '{_BINOP_SYMBOLS.get(type(node.op), '?')}'"
-    if isinstance(node, ast.Name):
-        return f"the name '{node.id}'"
-    if isinstance(node, ast.Constant):
-        return f"the value {node.value!r}"
-    return _FRIENDLY_NAMES.get(type(node), f"{type(node).__name__} syntax")
-
-
-# --------------------------------------------------------------------------------------------
-# Source text handling: legacy placeholders and positions
-# --------------------------------------------------------------------------------------------
-
-
-def _string_end(text: str, start: int) -> int:
-    """Index just past the string literal whose opening quote is at ``start``."""
-    quote = text[start]
-    delimiter = quote * 3 if text.startswith(quote * 3, start) else quote
-    k = start + len(delimiter)
-    while k < len(text):
-        char = text[k]
-        if char == "\\":
-            k += 2
-            continue
-        if len(delimiter) == 1 and char in "\r\n":
-            return k  # unterminated; the parser reports it
-        if text.startswith(delimiter, k):
-            return k + len(delimiter)
-        k += 1
-    return len(text)
-
-
-class _Source:
-    """The rule text as parsed, with a map back to the text the user wrote.
-
-    Legacy placeholders ``@Tag@``/``%Tag%`` (outside string literals) are rewritten to
-    ``tags['Tag']`` (recorded in ``placeholders``), line breaks outside string literals become
-    spaces (so a rule may span lines) and leading blanks are dropped. ``_starts[i]`` and
-    ``_ends[i]`` give the span in the original text that produced character ``i`` of the
-    parsed text, so errors and notes quote and point at what the user wrote.
-    """
-
-    def __init__(self, original: str, *, placeholders: bool, kind: str) -> None:
-        self.original = original
-        self.kind = kind
-        self.placeholders: list[str] = []
-        out: list[str] = []
-        starts: list[int] = []
-        ends: list[int] = []
-        i = 0
-        while i < len(original):
-            char = original[i]
-            if char in "'\"":
-                stop = _string_end(original, i)
-                out.extend(original[i:stop])
-                starts.extend(range(i, stop))
-                ends.extend(range(i + 1, stop + 1))
-                i = stop
-                continue
-            if placeholders and char in "@%":
-                match = _PLACEHOLDER_RE.match(original, i)
-                if match is not None:
-                    # mercure writes tags["Keyword"] in place of @Keyword@: an exact lookup.
-                    name = match.group(2)
-                    self.placeholders.append(name)
-                    out.extend("tags['")
-                    starts.extend([i] * 6)
-                    ends.extend([i + 1] * 6)
-                    out.extend(name)
-                    starts.extend(range(i + 1, i + 1 + len(name)))
-                    ends.extend(range(i + 2, i + 2 + len(name)))
-                    out.extend("']")
-                    starts.extend([match.end() - 1] * 2)
-                    ends.extend([match.end()] * 2)
-                    i = match.end()
-                    continue
-            if char == "\\" and original[i + 1 : i + 2] in ("\r", "\n"):
-                char = " "  # explicit line continuation
-            elif char in "\r\n":
-                char = " "
-            out.append(char)
-            starts.append(i)
-            ends.append(i + 1)
-            i += 1
-        lead = 0
-        while lead < len(out) and out[lead] in " \t\f":
-            lead += 1
-        self.text = "".join(out[lead:])
-        self._starts = starts[lead:]
-        self._ends = ends[lead:]
-        self._line_starts = [0] + [k + 1 for k, c in enumerate(self.text) if c == "\n"]
-        self._lines_utf8 = [line.encode("utf-8") for line in self.text.split("\n")]
-
-    # -- positions ------------------------------------------------------------------------
-
-    def _offset(self, lineno: int, col_bytes: int) -> int:
-        """Parsed-text offset of an ast position (ast columns count UTF-8 bytes)."""
-        line = max(1, min(lineno, len(self._lines_utf8))) - 1
-        chars = len(self._lines_utf8[line][:col_bytes].decode("utf-8", errors="replace"))
-        return self._line_starts[line] + chars
-
-    def start(self, node: ast.AST) -> int:
-        lineno = getattr(node, "lineno", None)
-        col = getattr(node, "col_offset", None)
-        if lineno is None or col is None:
-            return 0
-        return self._offset(lineno, col)
-
-    def end(self, node: ast.AST) -> int:
-        lineno = getattr(node, "end_lineno", None)
-        col = getattr(node, "end_col_offset", None)
-        if lineno is None or col is None:
-            return self.start(node)
-        return self._offset(lineno, col)
-
-    def operator_offset(self, left: ast.AST, right: ast.AST) -> int:
-        """Offset of the operator written between two operands."""
-        k = first = self.end(left)
-        stop = self.start(right)
-        while k < stop and (self.text[k].isspace() or self.text[k] == ")"):
-            k += 1
-        return k if k < stop else first
-
-    def original_offset(self, offset: int) -> int:
-        if offset < len(self._starts):
-            return self._starts[max(offset, 0)]
-        return len(self.original)
-
-    def snippet(self, node: ast.AST) -> str:
-        start, end = self.start(node), self.end(node)
-        if end <= start or not self._ends:
-            return self.text[start:end]
-        return self.original[self.original_offset(start) : self._ends[end - 1]]
-
-    def error(self, offset: int, reason: str) -> RuleError:
-        return RuleError(self.original, self.original_offset(offset), reason, kind=self.kind)
-
-    # -- parsing --------------------------------------------------------------------------
-
-    def parse(self) -> ast.Expression:
-        """Parse (never run) the text as a single expression."""
-        try:
-            return ast.parse(self.text, mode="eval")
-        except SyntaxError as exc:
-            if exc.offset is None or exc.offset < 1:
-                offset = len(self.text)
-            else:
-                line = max(1, min(exc.lineno or 1, len(self._line_starts))) - 1
-                offset = min(self._line_starts[line] + exc.offset - 1, len(self.text))
-            raise self.error(offset, f"syntax error: {exc.msg}") from None
-        except ValueError as exc:  # null bytes on some Python versions
-            raise self.error(max(self.text.find("\0"), 0), f"syntax error: {exc}") from None
-        except (RecursionError, MemoryError):
-            raise self.error(0, "the expression is nested too deeply") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Compiler: allow-list check and translation into evaluator nodes
-# --------------------------------------------------------------------------------------------
-
 
 def _is_tags(node: ast.AST) -> bool:
     return isinstance(node, ast.Name) and node.id == "tags"
@@ -393,7 +141,7 @@ _ALLOWED_NODES: Final = (
 class _RuleCompiler:
     """Checks a parsed rule against the allow-list and builds its evaluator tree."""
 
-    def __init__(self, source: _Source) -> None:
+    def __init__(self, source: Source) -> None:
         self.src = source
         self.tags_used: set[str] = set()
 
@@ -449,7 +197,7 @@ class _RuleCompiler:
             return src.start(node), f"keyword arguments ({node.arg}=...) are not allowed"
         if getattr(node, "lineno", None) is None:
             return None  # helper nodes (comprehension, arguments) of a node rejected anyway
-        return src.start(node), f"{_friendly(node)} is not allowed"
+        return src.start(node), f"{friendly(node)} is not allowed"
 
     def _screen_name(self, node: ast.Name, *, called: bool) -> tuple[int, str] | None:
         name = node.id
@@ -471,7 +219,7 @@ class _RuleCompiler:
 
     def build(self, node: ast.expr, depth: int = 0) -> ev.Node:
         src = self.src
-        if depth > _MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise src.error(src.start(node), "the expression is nested too deeply")
         deeper = depth + 1
         text = src.snippet(node)
@@ -521,7 +269,7 @@ class _RuleCompiler:
                 return ev.Const(text, -operand.value if negative else operand.value)
             return ev.UnaryOp(text, _UNARY_SYMBOLS[type(node.op)], self.build(operand, deeper))
         if isinstance(node, ast.BinOp):
-            symbol = _BINOP_SYMBOLS[type(node.op)]
+            symbol = BINOP_SYMBOLS[type(node.op)]
             return ev.BinOp(
                 text, symbol, self.build(node.left, deeper), self.build(node.right, deeper)
             )
@@ -529,7 +277,7 @@ class _RuleCompiler:
             kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
             items = tuple(self.build(element, deeper) for element in node.elts)
             return ev.Collection(text, kind, items)
-        raise src.error(src.start(node), f"{_friendly(node)} is not allowed")
+        raise src.error(src.start(node), f"{friendly(node)} is not allowed")
 
     def _tag(self, text: str, name: str, offset: int, *, exact: bool) -> ev.Tag:
         if name.startswith("_"):
@@ -681,7 +429,7 @@ def compile_rule(text: str) -> CompiledRule:
     """
     if not text or not text.strip():
         return CompiledRule(text or "", frozenset(), ev.Const("", False))
-    source = _Source(text, placeholders=True, kind="rule")
+    source = Source(text, placeholders=True, kind="rule")
     tree = source.parse()
     compiler = _RuleCompiler(source)
     compiler.screen(tree)
@@ -709,129 +457,3 @@ def rule_warnings(text: str) -> list[str]:
             "write it without quotes for the value True or False"
         )
     return found
-
-
-# --------------------------------------------------------------------------------------------
-# Study completion: mercure's study_trigger_series
-# --------------------------------------------------------------------------------------------
-
-
-class _SeriesExpr:
-    """A compiled series list; ``series`` are the received descriptions, lower-cased."""
-
-    __slots__ = ()
-
-    def matches(self, series: Sequence[str]) -> bool:
-        raise NotImplementedError
-
-
-class _SeriesTerm(_SeriesExpr):
-    __slots__ = ("needle",)
-
-    def __init__(self, needle: str) -> None:
-        self.needle = needle
-
-    def matches(self, series: Sequence[str]) -> bool:
-        return any(self.needle in description for description in series)
-
-
-class _SeriesNot(_SeriesExpr):
-    __slots__ = ("part",)
-
-    def __init__(self, part: _SeriesExpr) -> None:
-        self.part = part
-
-    def matches(self, series: Sequence[str]) -> bool:
-        return not self.part.matches(series)
-
-
-class _SeriesAll(_SeriesExpr):
-    __slots__ = ("parts",)
-
-    def __init__(self, parts: tuple[_SeriesExpr, ...]) -> None:
-        self.parts = parts
-
-    def matches(self, series: Sequence[str]) -> bool:
-        return all(part.matches(series) for part in self.parts)
-
-
-class _SeriesAny(_SeriesExpr):
-    __slots__ = ("parts",)
-
-    def __init__(self, parts: tuple[_SeriesExpr, ...]) -> None:
-        self.parts = parts
-
-    def matches(self, series: Sequence[str]) -> bool:
-        return any(part.matches(series) for part in self.parts)
-
-
-_SERIES_KIND: Final = "series list"
-_SERIES_HINT: Final = (
-    "only quoted series descriptions combined with 'and', 'or', 'not' and parentheses are allowed"
-)
-
-
-def _build_series(src: _Source, node: ast.expr, depth: int) -> _SeriesExpr:
-    if depth > _MAX_DEPTH:
-        raise src.error(src.start(node), "the expression is nested too deeply")
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        if not node.value:
-            raise src.error(src.start(node), "an empty series description '' matches anything")
-        return _SeriesTerm(node.value.lower())
-    if isinstance(node, ast.BoolOp):
-        parts = tuple(_build_series(src, value, depth + 1) for value in node.values)
-        return _SeriesAll(parts) if isinstance(node.op, ast.And) else _SeriesAny(parts)
-    if isinstance(node, ast.Name):
-        raise src.error(
-            src.start(node),
-            f"'{node.id}' must be in quotes ('{node.id}'); {_SERIES_HINT}",
-        )
-    if isinstance(node, ast.BinOp):
-        raise src.error(
-            src.operator_offset(node.left, node.right), f"{_friendly(node)}: {_SERIES_HINT}"
-        )
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        # mercure's editor refuses 'not', but its router evaluates it: a configuration that
-        # uses it routes the same here.
-        return _SeriesNot(_build_series(src, node.operand, depth + 1))
-    raise src.error(src.start(node), f"{_friendly(node)} is not allowed; {_SERIES_HINT}")
-
-
-@functools.lru_cache(maxsize=256)
-def _compile_completion(text: str) -> _SeriesExpr:
-    source = _Source(text, placeholders=False, kind=_SERIES_KIND)
-    return _build_series(source, source.parse().body, 0)
-
-
-def check_completion_series(value: str) -> str | None:
-    """Validate a ``study_trigger_series`` text: None when valid, else the error description.
-
-    The syntax is mercure's: quoted series descriptions combined with ``and``/``or`` and
-    parentheses, e.g. ``'T1' and ('T2' or 'FLAIR')``. As in mercure, an empty value is an error.
-    """
-    if not value or not value.strip():
-        return "the list of series must not be empty, e.g. 'T1' and ('T2' or 'FLAIR')"
-    try:
-        _compile_completion(value)
-    except RuleError as exc:
-        return str(exc)
-    return None
-
-
-def parse_completion_series(completion_str: str, received_series: list[str]) -> bool:
-    """Whether the series received so far complete a study, per ``study_trigger_series``.
-
-    Each quoted description is satisfied when it is a substring of any received series
-    description, compared case-insensitively (as mercure does). As in mercure: nothing received
-    means not complete, an empty condition means complete, and an invalid condition (which
-    :func:`check_completion_series` reports when the configuration is loaded) means not complete.
-    """
-    if not received_series:
-        return False
-    if not completion_str or not completion_str.strip():
-        return True
-    try:
-        expression = _compile_completion(completion_str)
-    except RuleError:
-        return False
-    return expression.matches([description.lower() for description in received_series])

@@ -51,8 +51,8 @@ from mercure.jobs.task import (
 )
 from mercure.logs import get_logger
 from mercure.mpps import MppsIndex
-from mercure.rules import parse_completion_series
 from mercure.services.runtime import Runtime
+from mercure.study_trigger import parse_completion_series
 
 RELEASE_STATE: dict[str, State] = {
     "route": "outgoing",
