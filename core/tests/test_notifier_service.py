@@ -21,6 +21,12 @@ class Scripted:
 
     script: list[Any]
     start_errors: list[Exception] = field(default_factory=list)
+    part: str = ""  # "webhook" or "email": the part it sends; "" for both
+
+    def problem(self, notification: Notification) -> str | None:
+        if self.part:
+            return getattr(notification, f"{self.part}_problem")
+        return notification.problem
 
     def send(self, notification: Notification) -> str:
         step = self.script.pop(0)
@@ -93,7 +99,7 @@ def test_given_up_after_the_last_retry_counts_every_failure(tmp_path: Path) -> N
 
 
 def test_a_notification_that_cannot_be_sent_was_not_tried(tmp_path: Path) -> None:
-    note = Notification("completion", "rule", "task-1", problem="payload is not JSON")
+    note = Notification("completion", "rule", "task-1", webhook_problem="payload is not JSON")
     record, rt = run(tmp_path, Scripted([]), note)
     assert (record["outcome"], record["tries"], record["detail"]) == (
         "given up",
@@ -101,6 +107,22 @@ def test_a_notification_that_cannot_be_sent_was_not_tried(tmp_path: Path) -> Non
         "payload is not JSON",
     )
     assert rt.events[0].extra["tries"] == 0
+
+
+def test_a_broken_part_stops_only_the_notifier_that_sends_it(tmp_path: Path) -> None:
+    note = Notification("completion", "rule", "task-1", email_problem="template is broken")
+    record, _ = run(tmp_path / "webhook", Scripted(["HTTP 200"], part="webhook"), note)
+    assert (record["outcome"], record["detail"]) == ("delivered", "HTTP 200")
+    record, _ = run(tmp_path / "email", Scripted([], part="email"), note)
+    assert (record["outcome"], record["tries"]) == ("given up", 0)
+    assert record["detail"] == "template is broken"
+
+
+def test_an_outbox_entry_written_with_one_problem_keeps_it_for_both_parts() -> None:
+    data = Notification("completion", "rule", "task-1").to_json()
+    del data["webhook_problem"], data["email_problem"]
+    note = Notification.from_json({**data, "problem": "old"})
+    assert (note.webhook_problem, note.email_problem, note.problem) == ("old", "old", "old")
 
 
 def test_a_notifier_that_does_not_start_is_a_failed_try_then_retried(tmp_path: Path) -> None:

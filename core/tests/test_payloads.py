@@ -101,8 +101,21 @@ def test_empty_payload_posts_an_empty_object() -> None:
 def test_a_broken_payload_is_a_problem_not_garbage(payload: str, reason: str) -> None:
     rule = Rule(notification_webhook="http://h", notification_payload=payload)
     note = render_notification("reception", "r", rule, "t")
-    assert note.problem is not None and reason in note.problem
-    assert "rule 'r'" in note.problem
+    assert note.webhook_problem is not None and reason in note.webhook_problem
+    assert "rule 'r'" in note.webhook_problem
+    assert note.email_problem is None
+
+
+def test_a_broken_email_template_leaves_the_webhook_part_intact() -> None:
+    rule = Rule(
+        notification_webhook="http://h",
+        notification_email="a@example.org",
+        notification_email_body="{{ unclosed ",
+    )
+    note = render_notification("reception", "r", rule, "t")
+    assert note.email_problem is not None and "cannot be rendered" in note.email_problem
+    assert note.webhook_problem is None
+    assert note.webhook_payload is not None
 
 
 def test_a_notification_survives_the_outbox_round_trip() -> None:

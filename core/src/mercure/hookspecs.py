@@ -108,7 +108,8 @@ def register_notifiers(register: RegisterFn) -> None:
       ``wants(notification)`` and queue the rendered notification in the durable outbox; the
       ``notifier`` service calls ``start()`` before the first ``send(notification)``, sends
       from its own thread, retries with backoff and records the outcome; ``close()`` at
-      shutdown.
+      shutdown. A notification whose part could not be rendered (``problem(notification)``,
+      by default any part's; override it to name the part you send) is given up untried.
     - **Exceptions**: from ``send``, ``PermanentNotificationError`` gives up at once, any
       other exception is retried; neither reaches a job.
     """

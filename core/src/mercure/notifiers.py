@@ -35,8 +35,10 @@ class Notification:
     """One rule's notification for one job, rendered when it was queued.
 
     ``webhook_*`` are set when the rule has ``notification_webhook``; ``email_*`` when it has
-    ``notification_email``. ``problem`` says why a part could not be rendered (an invalid
-    ``notification_payload``): the worker records it as given up rather than sending garbage.
+    ``notification_email``. ``webhook_problem`` and ``email_problem`` say why that part could
+    not be rendered (an invalid ``notification_payload``, a broken e-mail template): a notifier
+    using that part records it as given up rather than sending garbage, while the other part
+    is still sent.
     """
 
     event: NotificationEvent
@@ -51,11 +53,18 @@ class Notification:
     email_subject: str = ""
     email_body: str = ""
     email_type: str = "plain"
-    problem: str | None = None
+    webhook_problem: str | None = None
+    email_problem: str | None = None
 
     @property
     def event_name(self) -> str:
         return EVENT_NAMES[self.event]
+
+    @property
+    def problem(self) -> str | None:
+        """Every part's rendering problem, for a notifier that uses both parts."""
+        parts = [p for p in (self.webhook_problem, self.email_problem) if p]
+        return "; ".join(dict.fromkeys(parts)) or None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +75,9 @@ class Notification:
     def from_json(cls, data: dict[str, Any]) -> Notification:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["email_to"] = tuple(known.get("email_to", ()))
+        if data.get("problem"):  # written before the problem was kept per part
+            known.setdefault("webhook_problem", data["problem"])
+            known.setdefault("email_problem", data["problem"])
         return cls(**known)
 
     def dumps(self) -> str:
@@ -86,6 +98,14 @@ class Notifier(Plugin[SettingsT], ABC):
     def wants(self, notification: Notification) -> bool:
         """Whether this notifier has something to send for ``notification`` (quick, no I/O)."""
         return True
+
+    def problem(self, notification: Notification) -> str | None:
+        """Why the part this notifier sends could not be rendered (then it is given up).
+
+        The default takes every part's problem; a notifier that sends only the webhook or
+        only the e-mail part returns that part's, so one broken template does not stop the other.
+        """
+        return notification.problem
 
     @abstractmethod
     def send(self, notification: Notification) -> str:

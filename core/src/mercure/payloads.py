@@ -77,7 +77,8 @@ def render_notification(
 
     ``patient`` holds ``acc``, ``mrn`` and ``patient_name`` of the job (used only if ``phi``;
     ``None`` for a tag the series lacks).
-    A template that cannot be rendered leaves :attr:`Notification.problem` set.
+    A template that cannot be rendered leaves that part's ``webhook_problem`` or
+    ``email_problem`` set.
     """
     patient = patient or {}
 
@@ -96,7 +97,8 @@ def render_notification(
             field=field,
         )
 
-    problem: str | None = None
+    webhook_problem: str | None = None
+    email_problem: str | None = None
     webhook_url = rule.notification_webhook.strip()
     payload: Any = None
     if webhook_url:
@@ -120,7 +122,7 @@ def render_notification(
                     f"braces: {exc.msg} at column {exc.colno} of {{{text}}}"
                 ) from None
         except RenderError as exc:
-            problem = str(exc)
+            webhook_problem = str(exc)
     recipients = tuple(a.strip() for a in rule.notification_email.split(",") if a.strip())
     email_body = ""
     if recipients:
@@ -136,7 +138,7 @@ def render_notification(
                 rule.notification_email_body, email_context, "notification_email_body"
             )
         except RenderError as exc:
-            problem = f"{problem}; {exc}" if problem else str(exc)
+            email_problem = str(exc)
     email_type = "html" if rule.notification_email_type.strip().lower() == "html" else "plain"
     return Notification(
         event=event,
@@ -149,7 +151,8 @@ def render_notification(
         email_subject=f"[Mercure] Rule {rule_name}: {EVENT_NAMES[event]}",
         email_body=email_body,
         email_type=email_type,
-        problem=problem,
+        webhook_problem=webhook_problem,
+        email_problem=email_problem,
     )
 
 

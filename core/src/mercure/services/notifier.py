@@ -45,9 +45,6 @@ class NotifierService(Service):
         """One try at one entry (claimed by the caller)."""
         note = entry.notification
         log = self.log.bind(task_id=note.task_id, rule=note.rule_name, notifier=entry.notifier)
-        if note.problem:
-            self._finish(entry, "given up", note.problem, tried=False)
-            return
         try:
             notifier = self.runtime.notifier(entry.notifier)
         except KeyError:
@@ -59,6 +56,10 @@ class NotifierService(Service):
             # entry is retried and finally given up, never stuck in the queue uncounted.
             reason = f"{exc}".strip() or exc.__class__.__name__
             self._failed(entry, f"notifier '{entry.notifier}' did not start: {reason}", log)
+            return
+        problem = notifier.problem(note)
+        if problem:
+            self._finish(entry, "given up", problem, tried=False)
             return
         try:
             receipt = notifier.send(note)

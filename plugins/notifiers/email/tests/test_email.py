@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -220,3 +221,11 @@ def test_wants_only_notifications_with_recipients(make_notifier: MakeNotifier) -
     notifier = make_notifier()
     assert notifier.wants(note("a@example.org"))
     assert not notifier.wants(Notification("completion", "ct", "t"))
+
+
+def test_only_a_broken_email_part_stops_it(make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier()
+    message = note("a@example.org")
+    assert notifier.problem(replace(message, webhook_problem="payload is not JSON")) is None
+    broken = replace(message, email_problem="template cannot be rendered")
+    assert notifier.problem(broken) == "template cannot be rendered"

@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -241,3 +242,11 @@ def test_sends_after_the_server_comes_back(make_notifier: MakeNotifier) -> None:
         assert notifier.send(note(url)) == "HTTP 200"
     finally:
         again.stop()
+
+
+def test_only_a_broken_webhook_part_stops_it(make_notifier: MakeNotifier) -> None:
+    notifier = make_notifier()
+    url = "http://127.0.0.1:9/hook"
+    assert notifier.problem(replace(note(url), email_problem="bad e-mail template")) is None
+    broken = replace(note(url), webhook_problem="payload is not JSON")
+    assert notifier.problem(broken) == "payload is not JSON"

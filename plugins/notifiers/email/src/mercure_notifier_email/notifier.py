@@ -82,6 +82,9 @@ class EmailNotifier(Notifier[EmailSettings]):
     def wants(self, notification: Notification) -> bool:
         return bool(notification.email_to)
 
+    def problem(self, notification: Notification) -> str | None:
+        return notification.email_problem
+
     @property
     def server(self) -> str:
         return f"SMTP server {self.settings.smtp_host}:{self.settings.port}"

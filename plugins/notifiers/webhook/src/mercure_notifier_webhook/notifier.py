@@ -57,6 +57,9 @@ class WebhookNotifier(Notifier[WebhookSettings]):
     def wants(self, notification: Notification) -> bool:
         return bool(notification.webhook_url)
 
+    def problem(self, notification: Notification) -> str | None:
+        return notification.webhook_problem
+
     def body(self, notification: Notification) -> bytes:
         """The exact bytes sent (and signed): the payload as JSON, as mercure posts it."""
         return json.dumps(notification.webhook_payload).encode("utf-8")
