@@ -247,6 +247,89 @@ def test_a_stopping_processor_leaves_the_module_running_and_the_next_one_follows
     assert runs.read_text() == "m\n"
 
 
+def test_an_unavailable_runner_is_launched_again_then_the_job_runs(
+    tmp_path: Path, plugins: PluginManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mercure.builtin.local_runner import LocalRunner
+    from mercure.processing.job import LaunchLater
+    from mercure.runners import RunnerUnavailable
+
+    _config, runtime, runs = setup(tmp_path, plugins)
+    ref = make_job(tmp_path, runtime)
+    original = LocalRunner.launch
+    outages = ["engine restarting", "engine restarting"]
+
+    def flaky(self: LocalRunner, run: Any) -> str:
+        if outages:
+            raise RunnerUnavailable(outages.pop())
+        return original(self, run)
+
+    monkeypatch.setattr(LocalRunner, "launch", flaky)
+    for _ in range(2):
+        with pytest.raises(LaunchLater) as later:
+            run_job(runtime, ref)
+        assert 2.0 <= later.value.delay <= 60.0
+        record = read_record(ref.path)
+        assert record is not None and record.steps[0].state == "launching"
+        assert record.steps[0].error == "waiting for the runner: engine restarting"
+        assert runtime.store.find_exact(ref.id).state == "processing"  # type: ignore[union-attr]
+    run_job(runtime, ref)
+    done = runtime.store.find_exact(ref.id)
+    assert done is not None and done.state == "success"
+    assert runs.read_text() == "m\n"
+    record = read_record(done.path)
+    assert record is not None
+    assert record.steps[0].unavailable_since is None and record.steps[0].error is None
+
+
+def test_a_runner_unavailable_past_the_patience_fails_the_job(
+    tmp_path: Path, plugins: PluginManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mercure.builtin.local_runner import LocalRunner
+    from mercure.processing import job as job_run
+    from mercure.runners import RunnerUnavailable
+
+    _config, runtime, _runs = setup(tmp_path, plugins)
+    ref = make_job(tmp_path, runtime)
+
+    def down(self: LocalRunner, run: Any) -> str:
+        raise RunnerUnavailable("cannot reach the engine")
+
+    monkeypatch.setattr(LocalRunner, "launch", down)
+    monkeypatch.setattr(job_run, "LAUNCH_PATIENCE", 0.0)
+    run_job(runtime, ref)
+    failed = runtime.store.find_exact(ref.id)
+    assert failed is not None and failed.state == "error"
+    error = runtime.store.read(failed).error or ""
+    assert "stayed unavailable" in error and "cannot reach the engine" in error
+
+
+def test_the_processor_pauses_a_job_whose_runner_is_unavailable(
+    tmp_path: Path, plugins: PluginManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mercure.builtin.local_runner import LocalRunner
+    from mercure.runners import RunnerUnavailable
+
+    _config, runtime, _runs = setup(tmp_path, plugins)
+    ref = make_job(tmp_path, runtime)
+    tries: list[float] = []
+
+    def down(self: LocalRunner, run: Any) -> str:
+        tries.append(1.0)
+        raise RunnerUnavailable("engine restarting")
+
+    monkeypatch.setattr(LocalRunner, "launch", down)
+    processor = Processor(runtime)
+    try:
+        assert processor.run_once() == 1
+        wait_for(lambda: ref.id in processor.pause_until, timeout=10, what="the pause")
+        assert processor.run_once() == 0  # paused: not taken again at once
+        assert len(tries) == 1
+    finally:
+        processor.close()
+    assert runtime.store.find_exact(ref.id).state == "processing"  # type: ignore[union-attr]
+
+
 def test_logs_are_kept_with_the_job_in_the_file_store_or_nowhere(
     tmp_path: Path, plugins: PluginManager
 ) -> None:

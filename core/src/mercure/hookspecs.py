@@ -89,9 +89,10 @@ def register_runners(register: RegisterFn) -> None:
       ``close()`` at shutdown, which must leave running modules running. ``launch`` must be
       idempotent per ``run.run_id`` and a handle must be usable by another process: see the
       runner contract in ``docs/processing.md``.
-    - **Exceptions**: ``RunnerError`` from ``launch`` fails that job's step with the message;
-      from ``wait`` it is logged and asked again until the module's timeout; registration
-      errors as for ``register_targets``.
+    - **Exceptions**: ``RunnerError`` from ``launch`` fails that job's step with the message
+      (``RunnerUnavailable``: launched again later, for up to ``LAUNCH_PATIENCE``); from
+      ``wait`` it is logged and asked again until the module's timeout; registration errors
+      as for ``register_targets``.
     """
 
 

@@ -115,6 +115,20 @@ class RunnerError(Exception):
     """
 
 
+class RunnerUnavailable(RunnerError):
+    """The engine cannot be reached right now (restarting, network down): try again later.
+
+    Raised from ``launch``, the processor keeps the step and launches again with a growing
+    pause, for up to :data:`LAUNCH_PATIENCE` seconds, before the job fails with the message;
+    ``launch`` is idempotent per ``run.run_id``, so a launch that did reach the engine is not
+    started twice.
+    """
+
+
+LAUNCH_PATIENCE = 900.0
+"""Seconds a step whose runner is unavailable is launched again before its job fails."""
+
+
 class Runner(Plugin[SettingsT], ABC):
     """Runs processing modules; see the module docstring for the threading rules."""
 
@@ -138,7 +152,8 @@ class Runner(Plugin[SettingsT], ABC):
         """Start the module and return a handle that identifies the run across restarts.
 
         Idempotent per ``run.run_id``. Raise :class:`RunnerError` when the module cannot be
-        started (the job then fails with the message); the folders, environment and settings
+        started (the job then fails with the message), :class:`RunnerUnavailable` when the
+        engine cannot be reached now (launched again later); the folders, environment and settings
         are all in ``run``, and the module's definition (``run.module.docker_tag``,
         ``run.module.command``, ...) says what to start.
         """
@@ -173,9 +188,11 @@ __all__ = [
     "CONTAINER_IN_DIR",
     "CONTAINER_OUT_DIR",
     "CONTAINER_PERSISTENCE_DIR",
+    "LAUNCH_PATIENCE",
     "ProcessingRun",
     "RunOutcome",
     "Runner",
     "RunnerError",
+    "RunnerUnavailable",
     "folder_environment",
 ]

@@ -24,7 +24,14 @@ from mercure.processing.finish import Finishing, dispatch_job_id
 from mercure.processing.record import log_tail, new_record, read_record
 from mercure.processing.results import ResultError, read_result
 from mercure.processing.selection import parse_environment
-from mercure.runners import ProcessingRun, Runner, RunnerError, RunOutcome
+from mercure.runners import (
+    LAUNCH_PATIENCE,
+    ProcessingRun,
+    Runner,
+    RunnerError,
+    RunnerUnavailable,
+    RunOutcome,
+)
 
 LOG_IN_EVENT = 64 * 1024
 """The end of a module's log carried by its ``process_module_complete`` event (the ledger and
@@ -36,6 +43,16 @@ CANCEL_REPEAT = 5.0
 CANCEL_GIVE_UP = 300.0
 """Seconds after the first cancel at which a run that never reports its end is given up."""
 RUNNER_WARN_INTERVAL = 60.0
+LAUNCH_PAUSE_MAX = 60.0
+"""Longest pause between two launches of a step whose runner is unavailable."""
+
+
+class LaunchLater(Exception):
+    """The step's runner is unavailable: the processor lets the job be for ``delay`` seconds."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
 
 
 class JobRun(Finishing):
@@ -121,6 +138,8 @@ class JobRun(Finishing):
                 runner = self.runners.get(step.runner)
                 run = self._run(index, module)
                 handle = runner.launch(run)
+            except RunnerUnavailable as exc:
+                return self._launch_later(index, str(exc))
             except RunnerError as exc:
                 return self._step_failed(index, f"could not be started: {exc}")
             except Exception as exc:
@@ -129,6 +148,11 @@ class JobRun(Finishing):
                 )
             step.handle = handle
             step.state = "running"
+            if step.unavailable_since is not None:
+                # The module's timeout counts from its launch, not from the wait for the runner.
+                step.unavailable_since = None
+                step.error = None
+                step.started_at = time.time()
             self._save()
         if step.state == "running":
             try:
@@ -289,6 +313,30 @@ class JobRun(Finishing):
         self.record.failure = reason
         self.record.failed_step = index
         self._save()
+
+    def _launch_later(self, index: int, reason: str) -> bool:
+        """Keep the step for another launch, or fail it once the runner stayed away too long."""
+        step = self.record.steps[index]
+        now = time.time()
+        if step.unavailable_since is None:
+            step.unavailable_since = now
+        waited = now - step.unavailable_since
+        if waited >= LAUNCH_PATIENCE:
+            return self._step_failed(
+                index,
+                f"could not be started: the runner stayed unavailable for {waited:.0f} s: {reason}",
+            )
+        step.error = f"waiting for the runner: {reason}"
+        self._save()
+        delay = min(LAUNCH_PAUSE_MAX, max(2.0, waited / 2))
+        self.log.warning(
+            "runner unavailable; the module is launched again later",
+            module=step.module,
+            in_seconds=round(delay, 1),
+            gives_up_in=round(LAUNCH_PATIENCE - waited),
+            error=reason,
+        )
+        raise LaunchLater(delay, reason)
 
     def _step_failed(self, index: int, problem: str) -> bool:
         step = self.record.steps[index]

@@ -42,6 +42,9 @@ class StepRecord(BaseModel):
     """The runner instance that launched the run: the one that can follow its handle."""
     handle: str | None = None
     started_at: float | None = None
+    unavailable_since: float | None = None
+    """When its runner was first found unavailable at launch (launched again until
+    :data:`mercure.runners.LAUNCH_PATIENCE` has passed); ``None`` once launched."""
     finished_at: float | None = None
     cancel_requested_at: float | None = None
     cancel_reason: str | None = None

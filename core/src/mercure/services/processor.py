@@ -23,7 +23,7 @@ from mercure.controls import is_suspended
 from mercure.jobs.claims import Claim
 from mercure.jobs.store import JobRef
 from mercure.priorities import OffpeakWindow, Priority, PriorityPicker, rule_priority
-from mercure.processing.job import JobRun
+from mercure.processing.job import JobRun, LaunchLater
 from mercure.processing.selection import Runners
 from mercure.services.base import Service
 from mercure.services.runtime import Runtime
@@ -155,6 +155,8 @@ class Processor(Service):
                     self.stop_event,
                     on_job_created=self._jobs_created,
                 ).run()
+        except LaunchLater as later:
+            self.pause_until[ref.id] = time.time() + later.delay
         except Exception:
             self.log.exception(
                 "processing a job failed unexpectedly; it is tried again later",

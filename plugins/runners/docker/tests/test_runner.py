@@ -19,7 +19,7 @@ import pytest
 from docker_support import DockerEngine
 from mercure.config import Module
 from mercure.lifecycle import PluginContext
-from mercure.runners import ProcessingRun, RunnerError, RunOutcome
+from mercure.runners import ProcessingRun, RunnerError, RunnerUnavailable, RunOutcome
 from mercure.testing import make_series
 from mercure_runner_docker import DockerRunner, DockerRunnerSettings
 from mercure_runner_docker.runner import L_RUN_ID, L_RUNNER
@@ -402,12 +402,14 @@ def test_a_module_over_its_memory_limit_fails_with_the_reason(
     runner.cleanup(handle)
 
 
-def test_an_unreachable_engine_is_a_runner_error(tmp_path: Path, module_image: str) -> None:
+def test_an_unreachable_engine_is_unavailable_so_launched_again(
+    tmp_path: Path, module_image: str
+) -> None:
     settings = DockerRunnerSettings(docker_url=f"unix://{tmp_path}/nothing.sock", api_timeout=5)
     runner = DockerRunner("docker", settings, PluginContext("runner", "docker"))
     runner.start()  # logs the problem; the processor goes on and the runs say why
     run = make_run(tmp_path, module_image)
-    with pytest.raises(RunnerError, match="cannot reach the docker engine at unix://"):
+    with pytest.raises(RunnerUnavailable, match="cannot reach the docker engine at unix://"):
         runner.launch(run)
     handle = json.dumps({"container": "0123456789ab", "name": "mercure-x"})
     with pytest.raises(RunnerError, match="cannot reach the docker engine"):

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from mercure.runners import ProcessingRun, RunnerError
+from mercure.runners import ProcessingRun, RunnerError, RunnerUnavailable
 from mercure.testing import wait_for
 from mercure_runner_nomad import NomadRunner
 from mercure_runner_nomad.runner import MARKER
@@ -533,13 +533,13 @@ def test_a_purged_job_has_an_outcome_that_says_so(
     assert outcome.error is not None and "Nomad has no job" in outcome.error
 
 
-def test_nomad_down_is_a_runner_error_and_following_is_retried(
+def test_nomad_down_is_unavailable_and_following_is_retried(
     standin: NomadStandIn, make_runner: Make, prepared: Prepare, tmp_path: Path
 ) -> None:
     standin.cluster.images["example/writer:1"] = module_script(tmp_path, "writer", WRITER)
     address = standin.address
     runner = make_runner(address="http://127.0.0.1:1", request_timeout=2)
-    with pytest.raises(RunnerError, match=r"cannot reach Nomad at http://127.0.0.1:1"):
+    with pytest.raises(RunnerUnavailable, match=r"cannot reach Nomad at http://127.0.0.1:1"):
         runner.launch(prepared("example/writer:1"))
     good = make_runner(address=address)
     handle = good.launch(prepared("example/writer:1", name="ok"))

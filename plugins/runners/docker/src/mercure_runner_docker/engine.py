@@ -23,7 +23,7 @@ from docker.tls import TLSConfig
 from docker.utils import parse_repository_tag
 from mercure.fsutil import atomic_write_bytes
 from mercure.logs import get_logger
-from mercure.runners import RunnerError
+from mercure.runners import RunnerError, RunnerUnavailable
 
 from mercure_runner_docker.settings import DockerRunnerSettings, PullPolicy
 
@@ -62,7 +62,10 @@ def make_client(settings: DockerRunnerSettings) -> docker.DockerClient:
             base_url=settings.docker_url or None, tls=tls, timeout=int(settings.api_timeout)
         )
     except DockerException as exc:
-        raise RunnerError(
+        # Asking the engine for its API version failed: it is down or restarting (try again
+        # later); anything else is a setting the operator must fix.
+        unreachable = exc.__cause__ is not None
+        raise (RunnerUnavailable if unreachable else RunnerError)(
             f"cannot reach the docker engine at {endpoint(settings)}: {exc}"
         ) from None
 
@@ -151,7 +154,8 @@ class Images:
         except ImageNotFound:
             return False
         except (APIError, DockerException) as exc:
-            raise RunnerError(
+            server_side = isinstance(exc, APIError) and not exc.is_server_error()
+            raise (RunnerError if server_side else RunnerUnavailable)(
                 f"cannot ask the docker engine at {self.where} for image {image!r}: {exc}"
             ) from None
         return True

@@ -38,6 +38,7 @@ from mercure.runners import (
     ProcessingRun,
     Runner,
     RunnerError,
+    RunnerUnavailable,
     RunOutcome,
     folder_environment,
 )
@@ -235,7 +236,7 @@ class DockerRunner(Runner[DockerRunnerSettings]):
         except (TypeError, ValueError) as exc:
             raise RunnerError(f"{who}: docker_arguments: {exc}") from None
         except (DockerException, OSError) as exc:
-            raise RunnerError(
+            raise RunnerUnavailable(
                 f"{who}: cannot reach the docker engine at {self.where}: {exc}"
             ) from None
         container_id = str(container.id)
@@ -331,7 +332,7 @@ class DockerRunner(Runner[DockerRunnerSettings]):
             self._remove(container_id)
             raise RunnerError(f"{who}: the container could not start: {_explain(exc)}") from None
         except (DockerException, OSError) as exc:
-            raise RunnerError(
+            raise RunnerUnavailable(
                 f"{who}: cannot reach the docker engine at {self.where}: {exc}"
             ) from None
 
@@ -341,7 +342,9 @@ class DockerRunner(Runner[DockerRunnerSettings]):
         except NotFound:
             return None
         except (DockerException, OSError) as exc:
-            raise RunnerError(f"cannot reach the docker engine at {self.where}: {exc}") from None
+            raise RunnerUnavailable(
+                f"cannot reach the docker engine at {self.where}: {exc}"
+            ) from None
 
     def _kill(self, container_id: str, signal: str) -> None:
         try:
@@ -354,7 +357,9 @@ class DockerRunner(Runner[DockerRunnerSettings]):
                     f"cannot stop container {container_id[:12]}: {_explain(exc)}"
                 ) from None
         except (DockerException, OSError) as exc:
-            raise RunnerError(f"cannot reach the docker engine at {self.where}: {exc}") from None
+            raise RunnerUnavailable(
+                f"cannot reach the docker engine at {self.where}: {exc}"
+            ) from None
 
     def _remove(self, ref: str) -> None:
         try:
@@ -365,7 +370,9 @@ class DockerRunner(Runner[DockerRunnerSettings]):
             if exc.status_code != 409:  # 409: removal already in progress
                 raise RunnerError(f"cannot remove container {ref}: {_explain(exc)}") from None
         except (DockerException, OSError) as exc:
-            raise RunnerError(f"cannot reach the docker engine at {self.where}: {exc}") from None
+            raise RunnerUnavailable(
+                f"cannot reach the docker engine at {self.where}: {exc}"
+            ) from None
 
     def sweep(self) -> int:
         """Remove this runner's ended containers whose job has left the run's folder.
@@ -382,7 +389,9 @@ class DockerRunner(Runner[DockerRunnerSettings]):
                 },
             )
         except (DockerException, OSError) as exc:
-            raise RunnerError(f"cannot reach the docker engine at {self.where}: {exc}") from None
+            raise RunnerUnavailable(
+                f"cannot reach the docker engine at {self.where}: {exc}"
+            ) from None
         removed = 0
         for entry in found:
             labels = entry.get("Labels") or {}

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from mercure.runners import RunnerError
+from mercure.runners import RunnerError, RunnerUnavailable
 
 from mercure_runner_nomad.settings import NomadRunnerSettings
 
@@ -72,6 +72,10 @@ class NomadError(RunnerError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class NomadUnavailable(NomadError, RunnerUnavailable):
+    """Nomad could not be reached (or its gateway said so): the processor launches again later."""
 
 
 class NomadAPI:
@@ -196,7 +200,7 @@ class NomadAPI:
         try:
             response = self.client.request(method, path, params=params, **kwargs)
         except httpx.HTTPError as exc:
-            raise NomadError(
+            raise NomadUnavailable(
                 f"cannot reach Nomad at {self.settings.address} ({what}): "
                 f"{exc.__class__.__name__}: {exc}; check plugins.runners.{self.instance}.address "
                 "and that the Nomad agent runs"
@@ -221,7 +225,9 @@ class NomadAPI:
                 403,
                 body,
             )
-        raise NomadError(
+        # Nomad answers 500 for invalid requests too; only a gateway's 502-504 means "later".
+        unavailable = response.status_code in (502, 503, 504)
+        raise (NomadUnavailable if unavailable else NomadError)(
             f"Nomad at {self.settings.address} answered {what} with "
             f"{response.status_code}: {body[:500] or response.reason_phrase}",
             response.status_code,
