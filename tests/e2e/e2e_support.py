@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
 from mercure.testing import free_port
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -311,3 +312,55 @@ def started_processes(root: Path) -> Iterator[ProcessFactory]:
         for proc in started:
             proc.kill()
             proc.close()
+
+
+def storescu(files: list[Path], port: int, calling_ae: str = "STORESCU") -> None:
+    """Send ``files`` on one association with DCMTK's storescu (called AE ``MERCURE``)."""
+    if not DCMTK_STORESCU.exists():
+        pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
+    sent = subprocess.run(
+        [str(DCMTK_STORESCU), "-aet", calling_ae, "-aec", "MERCURE", "127.0.0.1", str(port),
+         *map(str, files)],
+        env=dcmtk_env(), capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr.decode()
+
+
+EVENT_OBSERVER = """
+import json
+from mercure import hookimpl
+from mercure.metrics_hub import metrics_for_event
+
+@hookimpl
+def on_task_event(event):
+    record = {"type": str(event.type), "task_id": event.task_id, "series_uid": event.series_uid,
+              "target": event.target, "info": event.info, "rule": event.rule,
+              "extra": event.extra,
+              "metrics": [[m.name, m.kind, m.service, m.value, m.tags]
+                          for m in metrics_for_event(event)]}
+    with open(%r, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\\n")
+"""
+
+
+def event_observer(tmp_path: Path) -> tuple[Path, Path]:
+    """A site plugin folder whose observer writes every task event (with the metrics it
+    makes) to a JSON-lines file; returns the folder and the file."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    events = tmp_path / "events.jsonl"
+    (folder / "event_recorder.py").write_text(EVENT_OBSERVER % str(events))
+    return folder, events
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The records an :func:`event_observer` wrote so far."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def jobs(folder: Path) -> dict[str, dict[str, Any]]:
+    """The jobs in a state folder with their task files, by id."""
+    return {j.name: t for j in visible_entries(folder)
+            if j.is_dir() and (t := read_task(j)) is not None}  # fmt: skip

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from e2e_support import (
-    DCMTK_STORESCU,
     ProcessFactory,
-    dcmtk_env,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -26,16 +24,6 @@ from e2e_support import (
 from mercure.testing import make_series
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
-
-
-def storescu(files: list[Path], port: int) -> None:
-    if not DCMTK_STORESCU.exists():
-        pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 def delivered(folder: Path) -> set[str]:

@@ -8,21 +8,19 @@ the configuration's ``plugin_folder``, as an operator would add one.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e_support import (
-    DCMTK_STORESCU,
     SITE_PLUGINS,
     MercureProcess,
     ProcessFactory,
-    dcmtk_env,
     folder_of,
     read_task,
     run_cli,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -35,17 +33,6 @@ RETRY_DELAY = 1
 RETRY_MAX = 2
 # Slack for the instructions between the attempt's timestamp and the retry's computation.
 CLOCK_SLACK = 0.5
-
-
-def storescu(files: list[Path], port: int) -> None:
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(),
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 def only_job(folder: Path) -> Path | None:

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e_support import (
-    DCMTK_STORESCU,
     SITE_PLUGINS,
     ProcessFactory,
-    dcmtk_env,
     folder_of,
     run_cli,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -56,17 +54,6 @@ def own_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
-
-
-def storescu(files: list[Path], port: int) -> None:
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(),
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 def cli_json(cwd: Path, *args: str) -> Any:

@@ -9,18 +9,16 @@ A step that lists an instance that never comes leaves its study to the timers.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from e2e_support import (
-    DCMTK_STORESCU,
     ProcessFactory,
-    dcmtk_env,
     folder_of,
     read_task,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -32,16 +30,6 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
-
-
-def storescu(files: list[Path], port: int) -> None:
-    if not DCMTK_STORESCU.exists():
-        pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 def performed_series(series: list[list[Path]]) -> list[Dataset]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -23,13 +22,15 @@ from typing import Any
 import pydicom
 import pytest
 from e2e_support import (
-    DCMTK_STORESCU,
     ProcessFactory,
-    dcmtk_env,
+    event_observer,
     folder_of,
+    jobs,
+    read_events,
     read_task,
     run_cli,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -39,60 +40,10 @@ from mercure.testing import DcmtkStoreSCP, free_port, make_series
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 MODULE = Path(__file__).parent / "modules" / "stamp.py"
-OBSERVER = """
-import json
-from mercure import hookimpl
-from mercure.metrics_hub import metrics_for_event
-
-@hookimpl
-def on_task_event(event):
-    record = {"type": str(event.type), "task_id": event.task_id, "target": event.target,
-              "info": event.info, "extra": event.extra,
-              "metrics": [[m.name, m.kind, m.service, m.value, m.tags]
-                          for m in metrics_for_event(event)]}
-    with open(%r, "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\\n")
-"""
-
-
-def storescu(files: list[Path], port: int) -> None:
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(),
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 def module(**settings: Any) -> dict[str, Any]:
     return {"command": f"{{python}} {MODULE}", "settings": settings}
-
-
-def observer(tmp_path: Path) -> tuple[Path, Path]:
-    """A site plugin folder whose observer writes every task event to a JSON-lines file."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    events = tmp_path / "events.jsonl"
-    (folder / "event_recorder.py").write_text(OBSERVER % str(events))
-    return folder, events
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def jobs(folder: Path) -> dict[str, dict[str, Any]]:
-    """The jobs in a state folder with their task files, by id."""
-    found = {}
-    for job in visible_entries(folder):
-        task = read_task(job)
-        if task is not None:
-            found[job.name] = task
-    return found
 
 
 def job_of_rule(folder: Path, rule: str) -> tuple[str, dict[str, Any]] | None:
@@ -132,7 +83,7 @@ def test_process_and_both_rules_run_the_module_and_deliver_its_results(
     folder_target = tmp_path / "archive"
     folder_target.mkdir()
     scp = DcmtkStoreSCP(tmp_path / "scp", free_port()).start()
-    site, events_file = observer(tmp_path)
+    site, events_file = event_observer(tmp_path)
     try:
         config = spool_config(
             tmp_path,

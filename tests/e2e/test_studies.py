@@ -18,11 +18,13 @@ import pytest
 from e2e_support import (
     DCMTK_STORESCU,
     ProcessFactory,
-    dcmtk_env,
+    event_observer,
     folder_of,
-    read_task,
+    jobs,
+    read_events,
     run_cli,
     spool_config,
+    storescu,
     visible_entries,
     wait_until,
     write_config,
@@ -33,45 +35,12 @@ from pydicom.uid import generate_uid
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 MODULE = Path(__file__).parent / "modules" / "stamp.py"
-OBSERVER = """
-import json
-from mercure import hookimpl
-
-@hookimpl
-def on_task_event(event):
-    record = {"type": str(event.type), "task_id": event.task_id, "series_uid": event.series_uid,
-              "info": event.info, "rule": event.rule, "extra": event.extra}
-    with open(%r, "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\\n")
-"""
 
 
 @pytest.fixture(autouse=True)
 def _dcmtk() -> None:
     if not DCMTK_STORESCU.exists():
         pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
-
-
-def observer(tmp_path: Path) -> tuple[Path, Path]:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    events = tmp_path / "events.jsonl"
-    (folder / "event_recorder.py").write_text(OBSERVER % str(events))
-    return folder, events
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def storescu(files: list[Path], port: int) -> None:
-    sent = subprocess.run(
-        [str(DCMTK_STORESCU), "-aec", "MERCURE", "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert sent.returncode == 0, sent.stderr.decode()
 
 
 class Study:
@@ -92,11 +61,6 @@ class Study:
         )
 
 
-def jobs(folder: Path) -> dict[str, dict[str, Any]]:
-    return {j.name: t for j in visible_entries(folder)
-            if j.is_dir() and (t := read_task(j)) is not None}  # fmt: skip
-
-
 def study_jobs(folder: Path, study_uid: str) -> dict[str, dict[str, Any]]:
     return {i: t for i, t in jobs(folder).items() if t["info"]["uid"] == study_uid}
 
@@ -114,7 +78,7 @@ def start(
 ) -> tuple[dict[str, Any], Path, Path, Path]:
     target = tmp_path / "archive"
     target.mkdir(exist_ok=True)
-    site, events = observer(tmp_path)
+    site, events = event_observer(tmp_path)
     config = spool_config(
         tmp_path,
         plugin_folder=str(site),
@@ -284,7 +248,7 @@ def test_suspend_resume_retry_and_discard_from_the_cli(
             "aet_target": "STORESCP"}  # fmt: skip
     target = tmp_path / "archive"
     target.mkdir()
-    site, events_file = observer(tmp_path)
+    site, events_file = event_observer(tmp_path)
     config = spool_config(
         tmp_path, plugin_folder=str(site), rules=rules, retry_delay=1, retry_max=0,
         targets={"archive": {"target_type": "folder", "folder": str(target)}, "pacs": pacs},
