@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mercure.config import Action, Module
+from mercure.config_models import Action, Module
 from mercure.fsutil import atomic_write_bytes
 
 TASKFILE = "task.json"
