@@ -203,6 +203,8 @@ def store_instances(
     from pydicom import dcmread
     from pynetdicom import AE
 
+    from mercure.dimse_tuning import keep_responses_from_reactor
+
     datasets = [dcmread(path) for path in files]
     ae = AE(ae_title=aet)
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
@@ -213,6 +215,7 @@ def store_instances(
     assoc = ae.associate(host, port, ae_title=aec)
     if not assoc.is_established:
         pytest.fail(f"association with {aec} at {host}:{port} was not established")
+    keep_responses_from_reactor(assoc)  # pynetdicom's own race would cost a DIMSE timeout
     try:
         for path, ds in zip(files, datasets, strict=True):
             status = assoc.send_c_store(ds)

@@ -9,8 +9,8 @@
   chosen requests with an error (503 SlowDown, 500 InternalError) or break the connection;
   the requests it passes on keep their signatures (the Host header is forwarded unchanged).
 * ``bucket``: a new, empty bucket for one test.
-* ``dispatch_env``: a spool, a runtime and the core's Dispatcher; jobs made by hand and
-  delivered one attempt at a time.
+
+The core's ``dispatch_env`` fixture (``mercure.testing``) runs jobs through the Dispatcher.
 """
 
 from __future__ import annotations
@@ -39,12 +39,7 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import pytest
 from botocore.config import Config as BotoConfig
-from mercure.jobs.store import JobRef
 from mercure.jobs.task import Task, TaskDispatch, TaskInfo
-from mercure.plugins import build_plugin_manager
-from mercure.services.dispatcher import Dispatcher
-from mercure.services.runtime import Runtime, build_runtime
-from mercure.testing import config_for
 
 REGION = "us-east-1"
 
@@ -538,81 +533,6 @@ def fault_proxy(s3_server: SeaweedS3) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
-
-
-# -- jobs through the core's dispatcher --------------------------------------------------------
-
-
-class DispatchEnv:
-    """A runtime and the core's Dispatcher over a spool in ``tmp_path``; jobs made by hand.
-
-    Retries are due at once (``retry_delay`` 0) and each :meth:`deliver` is one synchronous
-    delivery attempt, so tests follow a job try by try without waiting.
-    """
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.runtime: Runtime | None = None
-        self.dispatcher: Dispatcher | None = None
-
-    def start(self, targets: dict[str, Any], **overrides: Any) -> DispatchEnv:
-        self.close()
-        overrides.setdefault("retry_delay", 0)
-        overrides.setdefault("retry_max", 5)
-        name = next(iter(targets))
-        config = config_for(
-            self.tmp_path,
-            targets=targets,
-            rules={"all": {"rule": "True", "target": name}},
-            **overrides,
-        )
-        self.runtime = build_runtime(config, build_plugin_manager(), fsync=False)
-        self.dispatcher = Dispatcher(self.runtime)
-        return self
-
-    def job(self, files: list[Path], target: str, tags: dict[str, str] | None = None) -> JobRef:
-        """A job in ``outgoing/`` holding ``files`` for ``target``, as the router makes it."""
-        assert self.runtime is not None
-        tags = dict(tags or {})
-        series_uid = tags.get("SeriesInstanceUID", "1.2.3")
-        task = Task(
-            info=TaskInfo(
-                action="route",
-                uid=series_uid,
-                triggered_rules={"all": True},
-                applied_rule="all",
-            ),
-            id=str(uuid.uuid4()),
-            dispatch=TaskDispatch(target_name=target, series_uid=series_uid),
-            tags=tags,
-            created_at=time.time(),
-        )
-        return self.runtime.store.create("outgoing", task, files)
-
-    def where(self, ref: JobRef) -> JobRef:
-        assert self.runtime is not None
-        found = self.runtime.store.find_exact(ref.id)
-        assert found is not None, f"job {ref.id} vanished"
-        return found
-
-    def deliver(self, ref: JobRef) -> tuple[JobRef, Task]:
-        """One delivery attempt; return the job's new place and its task file."""
-        assert self.runtime is not None and self.dispatcher is not None
-        self.dispatcher.deliver(self.where(ref))
-        current = self.where(ref)
-        return current, self.runtime.store.read(current)
-
-    def close(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.close()
-            self.dispatcher = None
-
-
-@pytest.fixture
-def dispatch_env(tmp_path: Path) -> Iterator[DispatchEnv]:
-    env = DispatchEnv(tmp_path)
-    yield env
-    env.close()
 
 
 # -- a target on its own -----------------------------------------------------------------------

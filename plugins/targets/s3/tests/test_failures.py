@@ -12,7 +12,8 @@ from mercure.testing import make_series
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from conftest import DispatchEnv, FaultProxy, SeaweedS3
+    from conftest import FaultProxy, SeaweedS3
+    from mercure.testing import DispatchEnv
 
 pytestmark = pytest.mark.peer
 

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from mercure.testing import make_series
 from pydicom import dcmread
+from structlog.testing import capture_logs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from conftest import DispatchEnv, FaultProxy, SeaweedS3
+    from conftest import FaultProxy, SeaweedS3
+    from mercure.testing import DispatchEnv
 
 pytestmark = pytest.mark.peer
 
@@ -92,8 +94,8 @@ def test_a_failed_manifest_keeps_the_job_open(
     dispatch_env: DispatchEnv,
     tmp_path: Path,
 ) -> None:
-    """Every instance is stored but the manifest is refused: one instance stays unconfirmed,
-    so the job is retried; the retry sends no instance again and writes the manifest."""
+    """Every instance is stored but the manifest is refused: the job stays in outgoing/ with
+    every instance confirmed; the retry sends no instance again and writes the manifest."""
     files = make_series(tmp_path / "series", 6)
     fault_proxy.add("PUT", "manifest.json$", "500", times=2)
     settings = s3_server.settings(
@@ -101,20 +103,24 @@ def test_a_failed_manifest_keeps_the_job_open(
     )
     env = dispatch_env.start({"bucket": settings})
     ref = env.job(files, "bucket")
-    where, task = env.deliver(ref)
+    with capture_logs() as logs:
+        where, task = env.deliver(ref)
     assert where.state == "outgoing"
+    reasons = [
+        str(e.get("reason", "")) for e in logs if e["event"] == "delivery failed; will retry"
+    ]
+    assert len(reasons) == 1 and "manifest not written" in reasons[0]
+    assert "InternalError" in reasons[0]
     dispatch = task.dispatch_state
     assert dispatch is not None
-    assert len(dispatch.delivered["bucket"]) == 5
-    ((held, reason),) = dispatch.failed["bucket"].items()
-    assert "uploaded, but the job is not complete" in reason and "InternalError" in reason
+    assert sorted(dispatch.delivered["bucket"]) == sorted(f.name for f in files)
+    assert dispatch.finished == [] and dispatch.retries == 1
     assert len(s3_server.keys(bucket)) == 6  # all instances, no manifest
     where, task = env.deliver(ref)
     assert where.state == "success", task.error
     assert f"mercure/{ref.id}/manifest.json" in s3_server.keys(bucket)
     instance_puts = [s for s in fault_proxy.requests("PUT", 200) if s.key.endswith(".dcm")]
-    assert len(instance_puts) == 6  # the held one was found complete, not sent again
-    assert any(s.key.endswith(held) for s in fault_proxy.requests("HEAD", 200))
+    assert len(instance_puts) == 6  # no instance sent again
 
 
 def test_an_object_lost_since_its_delivery_is_restored_before_the_manifest(
@@ -169,7 +175,9 @@ def test_streaming_job_gets_its_manifest_only_once_complete(
     result = target.send(job)
     assert seen_manifest == [False, False, False, False]
     assert sorted(result.delivered) == sorted(f.name for f in files)
-    assert len(confirmed) == 11  # one held back until the manifest was written
+    assert confirmed == {f.name for f in files}
+    assert key not in s3_server.keys(bucket)  # the dispatcher's finish() writes it
+    target.finish(job_for(files, task_id="stream"))
     assert _manifest(s3_server, bucket, key)["count"] == 12
 
 
@@ -187,7 +195,9 @@ def test_manifest_key_and_layout_from_series_tags(
         manifest_key="{StudyInstanceUID}/{SeriesInstanceUID}.complete.json",
     )
     job = job_for(files, tags={"SeriesInstanceUID": series, "StudyInstanceUID": study})
-    assert not make_target(settings).send(job).failed
+    target = make_target(settings)
+    assert not target.send(job).failed
+    target.finish(job)
     key = f"research/ct/{study}/{series}.complete.json"
     doc = _manifest(s3_server, bucket, key)
     assert {o["key"] for o in doc["objects"]} == {

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from mercure.jobs.task import read_task
-from mercure.testing import config_for, make_series, start_router, wait_for
+from mercure.testing import config_for, make_series, start_router, store_instances, wait_for
 from pydicom import dcmread
-from pynetdicom import AE
 
 if TYPE_CHECKING:
     from conftest import FaultProxy, SeaweedS3
@@ -30,19 +29,6 @@ COUNT = 200
 #: Seconds without a new instance before the router calls a series complete: long enough that
 #: a busy test machine does not split the 200 instances into two series (two jobs).
 SERIES_QUIET = 10
-
-
-def _send_over_dicom(files: list[Path], port: int) -> None:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(dcmread(files[0]).SOPClassUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MERCURE")
-    assert assoc.is_established
-    try:
-        for path in files:
-            status = assoc.send_c_store(dcmread(path))
-            assert status.Status == 0x0000
-    finally:
-        assoc.release()
 
 
 def _one_job(folder: Path) -> Path | None:
@@ -111,7 +97,7 @@ def test_a_series_through_the_router_arrives_complete(
     reader.start()
     try:
         with contextlib.contextmanager(start_router)(config) as router:
-            _send_over_dicom(originals, router.port)
+            store_instances(originals, router.port)
             success = config.folder("success")
             job = wait_for(lambda: _one_job(success), timeout=180, what="the job in success/")
     finally:
@@ -147,7 +133,7 @@ def test_store_killed_mid_job_then_restarted(
     outgoing = config.folder("outgoing")
     success = config.folder("success")
     with contextlib.contextmanager(start_router)(config) as router:
-        _send_over_dicom(originals, router.port)
+        store_instances(originals, router.port)
         wait_for(lambda: fault_proxy.held > 0, timeout=120, what="uploads held mid-job")
         s3_server.kill()
         fault_proxy.gate_open.clear()  # nothing reaches the store while it restarts

@@ -12,7 +12,8 @@ from mercure.targets import TargetError
 from mercure.testing import make_series
 
 if TYPE_CHECKING:
-    from conftest import DispatchEnv, SeaweedS3
+    from conftest import SeaweedS3
+    from mercure.testing import DispatchEnv
 
 pytestmark = pytest.mark.peer
 

@@ -17,7 +17,8 @@ from pydicom import dcmread
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from conftest import DispatchEnv, FaultProxy, SeaweedS3
+    from conftest import FaultProxy, SeaweedS3
+    from mercure.testing import DispatchEnv
 
 pytestmark = pytest.mark.peer
 
@@ -282,8 +283,10 @@ def test_every_request_carries_the_checksum_of_its_bytes(
         multipart_chunksize=5 * 1024 * 1024,
         manifest=True,
     )
-    result = make_target(settings).send(job_for(files))
+    target, job = make_target(settings), job_for(files)
+    result = target.send(job)
     assert sorted(result.delivered) == sorted(f.name for f in files)
+    target.finish(job)
     puts = fault_proxy.requests("PUT", 200)
     assert len(puts) == 3 + 2 + 1  # three small PUTs, two parts, the manifest
     for seen in puts:

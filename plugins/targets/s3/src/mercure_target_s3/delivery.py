@@ -1,17 +1,15 @@
-"""One ``send`` of one job: its instance objects through the target's upload threads, then
-the manifest.
+"""One ``send`` of one job (its instance objects through the target's upload threads), and
+the manifest once the dispatcher calls ``finish``.
 
 Rules that keep a reader from ever seeing half a series marked complete, and keep a broken
 transfer from losing or duplicating anything:
 
 * a file is reported delivered only once the service answered its PUT (or the final request
   of its multipart upload), or once a HEAD showed the same size and SHA-256 already stored;
-* the manifest is written only when the job's series is complete, every instance of this call
-  is delivered, and every instance delivered by an earlier call is still there (checked with
-  HEAD; a missing one is uploaded again first);
-* while the manifest is not written, one delivered file (the *anchor*) is held back from the
-  dispatcher's record, so the job cannot count as delivered without its manifest: the retry
-  finds the others already stored, skips them, and writes the manifest;
+* the manifest is written by ``finish``, which the dispatcher calls only once every instance
+  of the complete series is confirmed; the job stays in ``outgoing/`` until it succeeds.
+  Every instance not uploaded by this process since its start is checked first (HEAD), and a
+  missing one is uploaded again;
 * a permanent failure (credentials, bucket, permissions) or a failing service stops the
   uploads still queued for the job; they are reported not sent, for the retry.
 """
@@ -27,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mercure.jobs.incoming import instance_files
 from mercure.targets import DeliveryJob, DeliveryResult
 
 from mercure_target_s3 import manifest
@@ -49,8 +46,8 @@ T = TypeVar("T")
 
 #: Seconds ``DeliveryJob.more`` waits for the next file of an arriving series per call.
 STREAM_POLL = 0.5
-#: Without a manifest, a streaming send returns after this many seconds without a new file
-#: (the dispatcher hands the job back when more arrive). With one, it stays to the end.
+#: A streaming send returns after this many seconds without a new file (the dispatcher hands
+#: the job back when more arrive).
 STREAM_IDLE_RELEASE = 5.0
 #: First pause (seconds) before an upload is tried again; doubled each time, up to the cap.
 BACKOFF_FIRST = 0.25
@@ -107,14 +104,12 @@ class Delivery:
         self.pending: dict[Future[Done], str] = {}
         self.done: dict[str, Done] = {}
         self.failed: dict[str, str] = {}
-        self.anchor: str | None = None
         self.stop = threading.Event()
         self.stop_failure: Failure | None = None
         self._lock = threading.Lock()  # keys and the flags below, shared with upload threads
         self._keys: dict[str, str] = {}
         self._head_refused = False
         self.manifest_key: str | None = None
-        self.manifest_failure: Failure | None = None
         self.healed: list[str] = []
 
     # -- the whole call ------------------------------------------------------------------
@@ -122,15 +117,9 @@ class Delivery:
     def run(self) -> DeliveryResult:
         started = time.monotonic()
         self.submit(self.job.files)
-        complete = self.stream() if self.job.more is not None else True
+        if self.job.more is not None:
+            self.stream()
         self.drain()
-        if self.config.manifest:
-            if not complete:
-                self.manifest_failure = Failure(
-                    Scope.OBJECT, "series not complete yet: the manifest waits for the rest"
-                )
-            elif not self.failed and not self.stop.is_set():
-                self.write_manifest()
         result = self.result()
         if self._head_refused and any(not d.present for d in self.done.values()):
             self.log.warning(
@@ -149,31 +138,18 @@ class Delivery:
             already_present=sum(1 for d in self.done.values() if d.present),
             failed=len(result.failed),
             reuploaded_missing=len(self.healed),
-            manifest=self.manifest_key,
             seconds=round(time.monotonic() - started, 2),
         )
         return result
 
     def result(self) -> DeliveryResult:
-        delivered = list(self.done)
-        failed = dict(self.failed)
         stop = self.stop_failure
-        error = stop.message if stop else None
-        permanent = stop is not None and stop.scope is Scope.PERMANENT
-        if (
-            self.config.manifest
-            and self.manifest_key is None
-            and not failed
-            and self.anchor is not None
-        ):
-            # Everything else is delivered: without holding this one back the job would count
-            # as complete with no manifest, and no retry would come to write it.
-            reason = self.manifest_failure or Failure(Scope.OBJECT, "manifest not written")
-            delivered.remove(self.anchor)
-            failed[self.anchor] = f"uploaded, but the job is not complete: {reason.message}"
-            error = reason.message
-            permanent = reason.scope is Scope.PERMANENT
-        return DeliveryResult(delivered=delivered, failed=failed, error=error, permanent=permanent)
+        return DeliveryResult(
+            delivered=list(self.done),
+            failed=dict(self.failed),
+            error=stop.message if stop else None,
+            permanent=stop is not None and stop.scope is Scope.PERMANENT,
+        )
 
     # -- handing files to the upload threads ---------------------------------------------
 
@@ -208,7 +184,7 @@ class Delivery:
             if time.monotonic() - asked < STREAM_POLL / 2:
                 return False  # ``more`` answers "nothing" at once only when the dispatcher stops
             idle = time.monotonic() - idle_since
-            if not self.config.manifest and not self.pending and idle >= STREAM_IDLE_RELEASE:
+            if not self.pending and idle >= STREAM_IDLE_RELEASE:
                 return False
         return False
 
@@ -217,7 +193,7 @@ class Delivery:
             self.collect(1.0)
 
     def collect(self, timeout: float) -> None:
-        """Record finished uploads and confirm them to the dispatcher (but the anchor)."""
+        """Record finished uploads and confirm them to the dispatcher."""
         if not self.pending:
             return
         finished, _ = wait(list(self.pending), timeout=timeout, return_when=FIRST_COMPLETED)
@@ -236,13 +212,8 @@ class Delivery:
                     self.halt(exc.failure)
                 continue
             newly.append(name)
-        if not newly:
-            return
-        if self.config.manifest and self.anchor is None:
-            self.anchor = newly[0]
-        confirmable = [n for n in newly if n != self.anchor]
-        if confirmable and self.job.confirm is not None:
-            self.job.confirm(confirmable)
+        if newly and self.job.confirm is not None:
+            self.job.confirm(newly)
 
     def halt(self, failure: Failure) -> None:
         """Stop the job's queued uploads; a permanent reason wins over a passing one."""
@@ -365,29 +336,28 @@ class Delivery:
 
     # -- the manifest --------------------------------------------------------------------
 
-    def write_manifest(self) -> None:
-        """Check what earlier calls delivered, then upload the manifest of the whole job."""
-        try:
-            earlier = [p for p in instance_files(self.job.folder) if p.name not in self.handed]
-        except OSError as exc:
-            self.manifest_failure = Failure(
-                Scope.OBJECT, f"cannot list the job folder {self.job.folder}: {exc.strerror}"
-            )
-            return
+    def write_manifest(self, uploaded: dict[str, Done]) -> Failure | None:
+        """Check the job's instances not in ``uploaded`` (stored by its last send), then upload
+        the manifest of the whole job; the failure, or None once it is written."""
+        earlier = [p for p in self.job.files if p.name not in uploaded]
+        with self._lock:
+            for name, stored in uploaded.items():
+                self._keys.setdefault(stored.obj.key, name)
         self.index.add(earlier)
         checks = {self.pool.submit(self.upload, p, True): p.name for p in earlier}
-        done = dict(self.done)
+        done = {p.name: uploaded[p.name] for p in self.job.files if p.name in uploaded}
+        failure: Failure | None = None
         for future, name in checks.items():
             try:
                 done[name] = future.result()
             except NotSent:
-                self.manifest_failure = self.stop_failure
+                failure = failure or self.stop_failure
             except ObjectFailed as exc:
-                self.manifest_failure = exc.failure
+                failure = failure or exc.failure
                 if exc.failure.scope is not Scope.OBJECT:
                     self.halt(exc.failure)
-        if self.manifest_failure is not None:
-            return
+        if failure is not None or self.stop_failure is not None:
+            return failure or self.stop_failure
         if self.healed:
             self.log.warning(
                 "S3 objects recorded as delivered were missing and were uploaded again",
@@ -399,12 +369,11 @@ class Delivery:
         values = {**self.job.tags, "task_id": self.job.task_id, "target": self.name}
         key = self.config.object_key(self.config.manifest_key.render(values))
         if key in self._keys:
-            self.manifest_failure = Failure(
+            return Failure(
                 Scope.PERMANENT,
                 f"manifest_key gives {key}, which is the key of the instance "
                 f"{self._keys[key]}; choose another manifest_key",
             )
-            return
         entries = [
             manifest.Entry(d.obj.key, d.obj.size, d.obj.sha256_hex, d.sop_instance_uid, name)
             for name, d in done.items()
@@ -430,9 +399,16 @@ class Delivery:
                 ),
             )
         except ObjectFailed as exc:
-            self.manifest_failure = exc.failure
-            return
+            return exc.failure
         except NotSent:
-            self.manifest_failure = self.stop_failure
-            return
+            return self.stop_failure or Failure(Scope.OBJECT, "manifest not sent")
         self.manifest_key = key
+        self.log.info(
+            "S3 manifest written",
+            target=self.name,
+            task_id=self.job.task_id,
+            key=key,
+            objects=len(entries),
+            reuploaded_missing=len(self.healed),
+        )
+        return None

@@ -8,6 +8,7 @@ the store for all jobs together, however many jobs are being sent.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,10 +25,14 @@ from mercure.targets import (
 
 from mercure_target_s3.client import build_client
 from mercure_target_s3.config import S3TargetConfig
-from mercure_target_s3.delivery import Delivery
+from mercure_target_s3.delivery import Delivery, Done
 from mercure_target_s3.errors import Scope, classify, http_status
 
 log = get_logger("mercure.target.s3")
+
+#: Jobs whose uploads are remembered for their manifest (the oldest are forgotten first;
+#: a forgotten job's instances are checked with HEAD instead).
+REMEMBERED_JOBS = 256
 
 
 class S3Target(Target[S3TargetConfig]):
@@ -46,6 +51,9 @@ class S3Target(Target[S3TargetConfig]):
         self._lock = threading.Lock()
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        # What the last send of each job stored (key, size, digest): finish() trusts these and
+        # checks (HEAD) the instances delivered by earlier sends, which may have been removed.
+        self._uploaded: OrderedDict[str, dict[str, Done]] = OrderedDict()
 
     @property
     def where(self) -> str:
@@ -74,8 +82,8 @@ class S3Target(Target[S3TargetConfig]):
                 )
             return self._pool
 
-    def send(self, job: DeliveryJob) -> DeliveryResult:
-        delivery = Delivery(
+    def _delivery(self, job: DeliveryJob) -> Delivery:
+        return Delivery(
             name=self.name,
             config=self.config,
             client=self.client(),
@@ -83,7 +91,30 @@ class S3Target(Target[S3TargetConfig]):
             job=job,
             log=log,
         )
-        return delivery.run()
+
+    def send(self, job: DeliveryJob) -> DeliveryResult:
+        delivery = self._delivery(job)
+        result = delivery.run()
+        if self.config.manifest and delivery.done:
+            with self._lock:
+                self._uploaded[job.task_id] = dict(delivery.done)
+                self._uploaded.move_to_end(job.task_id)
+                while len(self._uploaded) > REMEMBERED_JOBS:
+                    self._uploaded.popitem(last=False)
+        return result
+
+    def finish(self, job: DeliveryJob) -> None:
+        """Write the manifest of the complete series (``manifest: true``); until it is written
+        the job stays in ``outgoing/`` and this is called again."""
+        if not self.config.manifest:
+            return
+        with self._lock:
+            uploaded = dict(self._uploaded.get(job.task_id, {}))
+        failure = self._delivery(job).write_manifest(uploaded)
+        if failure is not None:
+            raise _error(failure.scope, f"manifest not written: {failure.message}")
+        with self._lock:
+            self._uploaded.pop(job.task_id, None)
 
     def test_connection(self) -> str:
         """HeadBucket; a refusal is looked up with a request whose answer has the reason."""
