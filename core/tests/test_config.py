@@ -458,6 +458,17 @@ def test_unknown_top_level_keys_are_warnings(registry: Registry) -> None:
     assert warnings == ["ui_theme: unknown setting, ignored", "zzz: unknown setting, ignored"]
 
 
+def test_a_dummy_target_warns_unless_features_dummy_target(registry: Registry) -> None:
+    data: dict[str, Any] = {"targets": {"void": {"target_type": "dummy"}}}
+    _config, warnings = validate_config(data, registry)
+    assert [w for w in warnings if w.startswith("targets.void:")] == [
+        "targets.void: a dummy target delivers nothing (its jobs succeed at once); "
+        "mercure offers the type only with features.dummy_target: true"
+    ]
+    _config, warnings = validate_config({**data, "features": {"dummy_target": True}}, registry)
+    assert not [w for w in warnings if w.startswith("targets.void:")]
+
+
 def test_load_config_reports_bad_json_and_missing_file(tmp_path: Path, registry: Registry) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"port": 11112,,}')
