@@ -7,6 +7,8 @@ Fixtures:
 * ``synthetic_series`` - a folder of small synthetic CT instances (one series).
 * ``mercure_config`` - a :class:`~mercure.config.Config` whose spool lives in ``tmp_path``.
 * ``running_router`` - all services of a router in this process, on a free port.
+* ``router_for`` - ``router_for(config)`` starts a router with ``config`` and returns it with
+  an :class:`EventRecorder` of its task events (``RouterFactory``).
 * ``dcmtk_storescp`` - DCMTK's ``storescp`` on a free port, writing into a folder.
 * ``dispatch_env`` - the core's Dispatcher over a spool in ``tmp_path``, jobs made by hand.
 * ``orthanc`` - a real Orthanc (with its DICOMweb plugin when installed) on free ports.
@@ -32,6 +34,7 @@ Orthanc, with DICOMweb, authentication and restarts).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +128,28 @@ def mercure_config(tmp_path: Path) -> Config:
 def running_router(mercure_config: Config) -> Iterator[RunningRouter]:
     """All services in this process with ``mercure_config``, on a free port."""
     yield from _run(mercure_config)
+
+
+RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
+
+
+@pytest.fixture
+def router_for() -> Iterator[RouterFactory]:
+    """``router_for(config)``: all services of a router with ``config`` and an
+    :class:`EventRecorder` of its task events; stopped after the test."""
+    stack = contextlib.ExitStack()
+
+    def start(config: Config) -> tuple[RunningRouter, EventRecorder]:
+        recorder = EventRecorder()
+        manager = build_plugin_manager()
+        manager.register(recorder, "event-recorder")
+        generator = start_router(config, manager)
+        router = next(generator)
+        stack.callback(generator.close)
+        return router, recorder
+
+    with stack:
+        yield start
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@
   every message and can refuse chosen recipients.
 * ``certs``: a trustme test CA and a server certificate for 127.0.0.1.
 * ``make_notifier``: started e-mail notifiers with given settings, closed after the test.
-* ``router_for``: a whole router (``mercure.testing.start_router``) and its task events.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +21,8 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from mercure.config import Config
 from mercure.lifecycle import PluginContext
-from mercure.plugins import build_plugin_manager
-from mercure.testing import EventRecorder, RunningRouter, free_port, start_router
+from mercure.testing import free_port
 from mercure_notifier_email import EmailNotifier, EmailSettings
 
 USER, PASSWORD = "mercure", "correct horse"
@@ -164,24 +160,3 @@ def make_notifier(tmp_path: Path) -> Iterator[Callable[..., EmailNotifier]]:
     yield make
     for notifier in made:
         notifier.close()
-
-
-RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
-
-
-@pytest.fixture
-def router_for() -> Iterator[RouterFactory]:
-    """Start all services of a router with a configuration; also its task events; stopped after."""
-    stack = contextlib.ExitStack()
-
-    def start(config: Config) -> tuple[RunningRouter, EventRecorder]:
-        recorder = EventRecorder()
-        manager = build_plugin_manager()
-        manager.register(recorder, "event-recorder")
-        generator = start_router(config, manager)
-        router = next(generator)
-        stack.callback(generator.close)
-        return router, recorder
-
-    with stack:
-        yield start

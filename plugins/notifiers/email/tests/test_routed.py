@@ -15,8 +15,7 @@ import pytest
 from mercure.config import Config
 from mercure.events import TaskEventType
 from mercure.testing import (
-    EventRecorder,
-    RunningRouter,
+    RouterFactory,
     config_for,
     free_port,
     make_series,
@@ -27,7 +26,6 @@ from mercure.testing import (
 from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.peer  # talks to a real SMTP server started by the tests
-RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
 StartServer = Callable[..., Any]
 BODY = "<p>@rule@: {{ event }} for {{ task_id }}</p><p>{{ details }}|{{ patient_name }}</p>"
 

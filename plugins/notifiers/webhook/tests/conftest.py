@@ -4,12 +4,10 @@
 * ``tls_webhook_server``: the same over HTTPS with a certificate from a trustme test CA
   (``certs.ca_file`` is that CA as PEM).
 * ``make_notifier``: started notifiers with given settings, closed after the test.
-* ``router_for``: a whole router (``mercure.testing.start_router``) and its task events.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,10 +16,7 @@ from typing import Any
 
 import pytest
 import trustme
-from mercure.config import Config
 from mercure.lifecycle import PluginContext
-from mercure.plugins import build_plugin_manager
-from mercure.testing import EventRecorder, RunningRouter, start_router
 from mercure_notifier_webhook import WebhookNotifier, WebhookSettings
 from pytest_httpserver import HTTPServer
 
@@ -86,24 +81,3 @@ def make_notifier() -> Iterator[Callable[..., WebhookNotifier]]:
     yield make
     for notifier in made:
         notifier.close()
-
-
-RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
-
-
-@pytest.fixture
-def router_for() -> Iterator[RouterFactory]:
-    """Start all services of a router with a configuration; also its task events; stopped after."""
-    stack = contextlib.ExitStack()
-
-    def start(config: Config) -> tuple[RunningRouter, EventRecorder]:
-        recorder = EventRecorder()
-        manager = build_plugin_manager()
-        manager.register(recorder, "event-recorder")
-        generator = start_router(config, manager)
-        router = next(generator)
-        stack.callback(generator.close)
-        return router, recorder
-
-    with stack:
-        yield start

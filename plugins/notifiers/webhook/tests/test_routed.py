@@ -8,7 +8,6 @@ then Jinja2; ``body`` JSON-escaped into the payload; patient data ``UNKNOWN`` un
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import pytest
 from mercure.config import Config
 from mercure.events import TaskEventType
 from mercure.testing import (
-    EventRecorder,
-    RunningRouter,
+    RouterFactory,
     config_for,
     free_port,
     make_series,
@@ -30,7 +28,6 @@ from pytest_httpserver import HTTPServer
 from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.peer  # talks to a real HTTP server started by the tests
-RouterFactory = Callable[[Config], tuple[RunningRouter, EventRecorder]]
 PAYLOAD = (
     '"rule": "@rule@", "event": "{{ event }}", "task_id": "@task_id@", "text": "{{ body }}", '
     '"patient": "{{ patient_name }}", "mrn": "{{ mrn }}"'

@@ -30,9 +30,10 @@ from mercure.notifiers import (
     Notifier,
     PermanentNotificationError,
 )
+from mercure.tls_trust import client_context
 
 from mercure_notifier_email.memory import RecipientMemory, RecipientState
-from mercure_notifier_email.settings import EmailSettings, tls_context
+from mercure_notifier_email.settings import EmailSettings
 
 log = get_logger("mercure.notifier.email")
 
@@ -70,7 +71,7 @@ class EmailNotifier(Notifier[EmailSettings]):
     def start(self) -> None:
         self._context: ssl.SSLContext | None = None
         if self.settings.starttls or self.settings.implicit_tls:
-            self._context = tls_context(self.settings.ca_bundle)
+            self._context = client_context(self.settings.ca_bundle)
         folder: Path | None
         try:
             folder = self.context.state_dir()

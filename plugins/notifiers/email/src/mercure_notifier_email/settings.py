@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mercure.plugin_settings import PluginSettings
 from mercure.secrets import OptionalSecret
+from mercure.tls_trust import client_context
 from pydantic import Field, field_validator, model_validator
 
 
@@ -66,7 +67,7 @@ class EmailSettings(PluginSettings):
         if not Path(value).exists():
             raise ValueError(f"CA bundle {value} does not exist")
         try:
-            tls_context(value)
+            client_context(value)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(
                 f"CA bundle {value} cannot be loaded as PEM certificates: {exc}"
@@ -86,15 +87,4 @@ class EmailSettings(PluginSettings):
         return self
 
 
-def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """The system's trusted CAs plus ``ca_bundle``; the server's name is checked."""
-    context = ssl.create_default_context()
-    if ca_bundle:
-        if Path(ca_bundle).is_dir():
-            context.load_verify_locations(capath=ca_bundle)
-        else:
-            context.load_verify_locations(cafile=ca_bundle)
-    return context
-
-
-__all__ = ["EmailSettings", "tls_context"]
+__all__ = ["EmailSettings"]

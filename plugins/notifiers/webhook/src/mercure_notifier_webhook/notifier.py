@@ -20,8 +20,9 @@ from mercure.notifiers import (
     Notifier,
     PermanentNotificationError,
 )
+from mercure.tls_trust import client_context
 
-from mercure_notifier_webhook.settings import WebhookSettings, tls_context
+from mercure_notifier_webhook.settings import WebhookSettings
 from mercure_notifier_webhook.signature import sign
 
 #: Bytes of the server's answer kept for the outbox record.
@@ -43,7 +44,7 @@ class WebhookNotifier(Notifier[WebhookSettings]):
 
     def start(self) -> None:
         self._client = httpx.Client(
-            verify=tls_context(self.settings.ca_bundle),
+            verify=client_context(self.settings.ca_bundle),
             timeout=httpx.Timeout(self.settings.timeout),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mercure.plugin_settings import PluginSettings
 from mercure.secrets import OptionalSecret, Secret
+from mercure.tls_trust import client_context
 from pydantic import Field, field_validator, model_validator
 
 # RFC 9110 field names: a token of visible characters without separators.
@@ -42,7 +43,7 @@ class WebhookSettings(PluginSettings):
         if not path.exists():
             raise ValueError(f"CA bundle {value} does not exist")
         try:
-            tls_context(value)
+            client_context(value)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(
                 f"CA bundle {value} cannot be loaded as PEM certificates: {exc}"
@@ -85,15 +86,4 @@ def _check_header_name(name: str) -> None:
         raise ValueError(f"{name!r} is not a valid HTTP header name")
 
 
-def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """The system's trusted CAs plus ``ca_bundle``, as mercure adds its certificate location."""
-    context = ssl.create_default_context()
-    if ca_bundle:
-        if Path(ca_bundle).is_dir():
-            context.load_verify_locations(capath=ca_bundle)
-        else:
-            context.load_verify_locations(cafile=ca_bundle)
-    return context
-
-
-__all__ = ["RESERVED_HEADERS", "WebhookSettings", "tls_context"]
+__all__ = ["RESERVED_HEADERS", "WebhookSettings"]
