@@ -17,13 +17,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mercure import dimse_tuning, hookimpl, mpps
+from mercure.builtin.dicom_acceptance import Acceptance
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings, ReceiverStats
 from mercure.builtin.dicom_gate import tls_failure
+from mercure.builtin.dicom_negotiation import NegotiationSettings
 from mercure.builtin.dicom_server import configure_ae, serve
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
@@ -36,6 +38,8 @@ from mercure.tags import read_tags, with_receiver_tags
 
 log = get_logger("mercure.receiver")
 
+#: The syntaxes of the non-storage services (verification, MPPS). Storage contexts are
+#: negotiated per association by :mod:`mercure.builtin.dicom_negotiation`.
 UNCOMPRESSED = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -198,6 +202,16 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         #: Connection and refusal counters of both ports (see ``dicom_admission``).
         self.stats = ReceiverStats()
         self.admission = Admission(AdmissionSettings.from_config(self.settings), self.stats)
+        #: Storage of any SOP class in the sender's own syntax (see ``dicom_negotiation``).
+        self.acceptance = Acceptance(
+            NegotiationSettings(
+                accept_compressed_images=self.config.accept_compressed_images,
+                services={
+                    Verification: tuple(UNCOMPRESSED),
+                    mpps.MPPS_SOP_CLASS: tuple(UNCOMPRESSED),
+                },
+            )
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -207,10 +221,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         ae.require_called_aet = False
         if self.settings.allowed_calling_aets:
             ae.require_calling_aet = list(self.settings.allowed_calling_aets)
-        syntaxes = ALL_TRANSFER_SYNTAXES if self.config.accept_compressed_images else UNCOMPRESSED
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, syntaxes)
+        # Only the services: storage contexts are decided per association (self.acceptance).
         ae.add_supported_context(Verification, UNCOMPRESSED)
         mpps.add_context(ae, UNCOMPRESSED)
         configure_ae(ae, self.admission.settings)
@@ -221,6 +232,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.handle_open),
+            *self.acceptance.handlers(),
             *mpps.handlers(self.spool.folder, self._allowed, fsync=self.spool.fsync),
         ]
 
