@@ -1,36 +1,39 @@
 """The receiver's negotiation policy (:mod:`~mercure.builtin.dicom_negotiation`) on pynetdicom.
 
 pynetdicom answers each proposed context with the first of the acceptor's own transfer
-syntaxes that the context lists, and refuses abstract syntaxes it was not given. Two handlers
-of public pynetdicom events make it answer as the policy decides, per association:
+syntaxes that the context lists, and refuses abstract syntaxes it was not given. An
+``EVT_REQUESTED`` handler (a public event: the A-ASSOCIATE-RQ is decoded, nothing answered
+yet) replaces the association's supported contexts by the policy's choices: for each accepted
+abstract syntax only its chosen syntaxes, ordered so that pynetdicom's first match is the
+chosen one for every context (:func:`supported_contexts`).
 
-* ``EVT_REQUESTED`` (the A-ASSOCIATE-RQ is decoded, nothing answered yet): the association's
-  supported contexts are replaced by the policy's choices: for each accepted abstract syntax
-  only its chosen syntaxes, ordered so that pynetdicom's first match is the chosen one for
-  every context (:func:`supported_contexts`);
-* ``EVT_SOP_COMMON`` (SOP class common extended negotiation, asked on every association):
-  each accepted SOP class pynetdicom does not know is declared a member of the Storage Service
-  Class, so that its C-STORE reaches the receiver's store handler. pynetdicom picks the service
-  of a DIMSE request from this negotiation before its own tables (``Association._serve_request``
-  in pynetdicom 3.0); without it an unknown SOP class aborts the association.
-
-Both are bound by :func:`handlers`; ``core/tests/test_dicom_acceptance.py`` checks them on a
-real association against the pinned pynetdicom (>=3.0,<3.1).
+pynetdicom then serves each DIMSE request by the service of the message's SOP class; for a
+class it does not know (private, retired, newer than pynetdicom, or a sender's garbled
+Affected SOP Class UID) it logs an error and aborts the whole association. :func:`install`
+replaces the one name ``pynetdicom.association.uid_to_service_class`` (looked up by
+``Association._serve_request``) so that, in the associations of a receiving AE registered
+here only, such a class is served as storage: the C-STORE reaches the receiver's handler,
+which stores it or answers a failure status, and the association goes on. This is the only
+pynetdicom internal used; it is installed on the versions it was checked on
+(:data:`mercure.dimse_tuning.SUPPORTED_VERSIONS`, the pinned >=3.0,<3.1) and checked by
+``core/tests/test_dicom_acceptance.py``.
 """
 
 from __future__ import annotations
 
 import graphlib
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import pynetdicom.association
 from pydicom.uid import UID
-from pynetdicom import evt
-from pynetdicom.pdu_primitives import SOPClassCommonExtendedNegotiation
+from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import ServiceClass
-from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 
+from mercure import dimse_tuning
 from mercure.builtin.dicom_negotiation import (
     NegotiationSettings,
     Outcome,
@@ -41,8 +44,10 @@ from mercure.logs import get_logger
 
 log = get_logger("mercure.receiver")
 
-#: The Storage Service Class UID (PS3.4 B.4).
-STORAGE_SERVICE_CLASS = "1.2.840.10008.4.2"
+#: The AEs whose associations serve every unknown SOP class as storage.
+_receiving_aes: weakref.WeakSet[AE] = weakref.WeakSet()
+_install_lock = threading.Lock()
+_installed: bool | None = None  # None: not decided yet
 
 
 def proposed_contexts(assoc: Any) -> list[ProposedContext]:
@@ -110,17 +115,6 @@ def supported_contexts(
     return result
 
 
-def unknown_storage_classes(outcomes: Sequence[Outcome]) -> list[str]:
-    """Accepted storage SOP classes for which pynetdicom has no service."""
-    return sorted(
-        {
-            o.abstract_syntax
-            for o in outcomes
-            if o.accepted and o.storage and uid_to_service_class(o.abstract_syntax) is ServiceClass
-        }
-    )
-
-
 class Acceptance:
     """The event handlers that apply ``settings`` to each association of a receiving AE."""
 
@@ -140,18 +134,38 @@ class Acceptance:
             outcomes, proposed, assoc.acceptor.supported_contexts
         )
 
-    def on_sop_common(self, event: Any) -> dict[str, SOPClassCommonExtendedNegotiation]:
-        _, outcomes = self._outcomes(event.assoc)
-        items: dict[str, SOPClassCommonExtendedNegotiation] = {}
-        for uid in unknown_storage_classes(outcomes):
-            item = SOPClassCommonExtendedNegotiation()
-            item.sop_class_uid = uid
-            item.service_class_uid = STORAGE_SERVICE_CLASS
-            items[uid] = item
-        return items
-
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [
-            (evt.EVT_REQUESTED, self.on_requested),
-            (evt.EVT_SOP_COMMON, self.on_sop_common),
-        ]
+        return [(evt.EVT_REQUESTED, self.on_requested)]
+
+    def serve(self, ae: AE) -> None:
+        """Serve unknown SOP classes as storage in ``ae``'s associations (see module doc)."""
+        install()
+        _receiving_aes.add(ae)
+
+
+def _promiscuous(original: Callable[[str], type[ServiceClass]]) -> Callable[[str], Any]:
+    def uid_to_service_class(uid: str) -> type[ServiceClass]:
+        service = original(uid)
+        if service is ServiceClass:  # pynetdicom knows no service for this class
+            assoc = threading.current_thread()  # requests are served in the association
+            if getattr(assoc, "ae", None) in _receiving_aes:
+                return StorageServiceClass
+        return service
+
+    return uid_to_service_class
+
+
+def install() -> bool:
+    """Install the storage fallback once; False on a pynetdicom version it was not checked on."""
+    global _installed
+    with _install_lock:
+        if _installed is None:
+            _installed = dimse_tuning.version_supported()
+            if _installed:
+                module: Any = pynetdicom.association
+                module.uid_to_service_class = _promiscuous(module.uid_to_service_class)
+            else:
+                log.warning(
+                    "pynetdicom version not checked: unknown SOP classes abort the association"
+                )
+        return _installed

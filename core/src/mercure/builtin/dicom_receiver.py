@@ -225,6 +225,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         ae.add_supported_context(Verification, UNCOMPRESSED)
         mpps.add_context(ae, UNCOMPRESSED)
         configure_ae(ae, self.admission.settings)
+        self.acceptance.serve(ae)
         return ae
 
     def _handlers(self) -> Any:
