@@ -183,3 +183,52 @@ def test_supported_order_gives_each_context_its_choice(listed: list[tuple[str, .
     for cx, outcome in zip(proposed, outcomes, strict=True):
         first = next(ts for ts in context.transfer_syntax if ts in cx.transfer_syntaxes)
         assert first == outcome.transfer_syntax
+
+
+def _answers_of(port: int, contexts: list[tuple[str, list[str]]]) -> dict[int, str | int]:
+    with association(port, contexts) as assoc:
+        return answers(assoc)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("compressed", [False, True])
+def test_accepts_what_storescp_accepts(tmp_path: Path, compressed: bool) -> None:
+    """Each known syntax alone, then the lists DCMTK's senders propose: same choices as
+    ``storescp`` (``+xa`` when compressed images are accepted); the router takes more."""
+    from mercure.testing_dicom import DcmtkStoreSCP
+    from mercure.testing_peers import free_port
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    singles = [(CTImageStorage, [ts]) for ts in ALL_TRANSFER_SYNTAXES]
+    lists = [
+        [ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian],  # dcmsend
+        [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+        [ExplicitVRBigEndian, ImplicitVRLittleEndian],
+        [RLELossless],
+        [JPEGBaseline8Bit],
+    ]
+    contexts = singles + [(CTImageStorage, ts) for ts in lists]
+    contexts += [(PRIVATE_CLASS, [ExplicitVRLittleEndian]), (FIND, [ExplicitVRLittleEndian])]
+    scp = DcmtkStoreSCP(
+        tmp_path / "scp",
+        free_port(),
+        aet="MERCURE",
+        extra_args=("--promiscuous", *(("+xa",) if compressed else ())),
+    ).start()
+    try:
+        reference = _answers_of(scp.port, contexts)
+    finally:
+        scp.stop()
+    with receiver(tmp_path / "router", accept_compressed_images=compressed) as rx:
+        ours = _answers_of(rx.port, contexts)
+    differing = {
+        cid: (reference[cid], ours[cid])
+        for cid in reference
+        if reference[cid] != ours[cid] and not (isinstance(reference[cid], int) and compressed)
+    }
+    assert differing == {}, "answers (storescp, router) that differ"
+    accepted_by_scp = {cid for cid, a in reference.items() if isinstance(a, str)}
+    accepted_by_us = {cid for cid, a in ours.items() if isinstance(a, str)}
+    assert accepted_by_scp <= accepted_by_us
+    if compressed:
+        assert len(accepted_by_us) > len(accepted_by_scp)  # e.g. HTJ2K, JPEG XL

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from e2e_support import ProcessFactory, spool_config, wait_until, write_config
+from mercure.testing import make_dataset
 from mercure.testing_corpus import (
+    PRIVATE_SOP_CLASS,
     CorpusFile,
     Received,
     batches,
@@ -26,6 +28,8 @@ from mercure.testing_corpus import (
 from mercure.testing_dicom import DCMTK_BIN
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -130,3 +134,39 @@ def test_router_receives_the_corpus_as_storescp_does(
     late = delivered(target, seen)
     assert not late, f"delivered though refused: {sorted(late)}"
     print(f"{len(by_source)} files identical, {len(syntaxes)} transfer syntaxes")
+
+
+def test_unknown_sop_class_then_ct_on_one_association_both_delivered(
+    tmp_path: Path, mercure_processes: ProcessFactory
+) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    config = spool_config(
+        tmp_path / "router",
+        targets={"folder": {"target_type": "folder", "folder": str(target)}},
+        rules={"all": {"rule": "True", "target": "folder"}},
+    )
+    path = write_config(tmp_path / "mercure.json", config)
+    mercure_processes.start("router", "run", "--config", str(path))
+    private = make_dataset(generate_uid(), generate_uid(), 0, sop_class=PRIVATE_SOP_CLASS)
+    ct = make_dataset(generate_uid(), generate_uid(), 0)
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(PRIVATE_SOP_CLASS, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", int(config["port"]), ae_title="MERCURE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (private, ct)]
+        assert assoc.is_established, "the association did not survive the unknown SOP class"
+    finally:
+        assoc.release()
+    assert statuses == [0, 0]
+
+    def both() -> dict[str, Path] | None:
+        found = delivered(target, set())
+        return found if {private.SOPInstanceUID, ct.SOPInstanceUID} <= set(found) else None
+
+    found = wait_until(both, 60, "both instances at the folder target")
+    meta = read_file_meta_info(found[private.SOPInstanceUID])
+    assert meta.MediaStorageSOPClassUID == PRIVATE_SOP_CLASS
