@@ -10,22 +10,25 @@ router writes its own file meta, as storescp does, and changes nothing after it)
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import ProcessFactory, spool_config, wait_until, write_config
 from mercure.testing import make_dataset
 from mercure.testing_corpus import (
     PRIVATE_SOP_CLASS,
-    CorpusFile,
     Received,
     batches,
     corpus,
     dcmsend,
+    instance_uids,
     reference_receive,
     split_file,
 )
-from mercure.testing_dicom import DCMTK_BIN
+from mercure.testing_dicom import DCMTK_BIN, DcmtkStoreSCP
+from mercure.testing_peers import free_port
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -44,22 +47,41 @@ def has_private_elements(path: Path) -> bool:
     return any(element.tag.is_private for element in ds.iterall())
 
 
-def delivered(target: Path, seen: set[Path]) -> dict[str, Path]:
-    """New instance files at the folder target, by SOP Instance UID."""
-    found: dict[str, Path] = {}
-    for path in target.rglob("*.dcm"):
-        if path in seen or path.name.startswith("."):
+def delivered(target: Path, seen: set[Path]) -> dict[Path, frozenset[str]]:
+    """New instance files at the target, with the SOP Instance UIDs that name them."""
+    found: dict[Path, frozenset[str]] = {}
+    for path in target.rglob("*"):
+        if not path.is_file() or path in seen or path.name.startswith("."):
             continue
         try:
-            meta = read_file_meta_info(path)
+            found[path] = instance_uids(path)
         except Exception:
             continue
-        found[str(meta.MediaStorageSOPInstanceUID)] = path
     return found
 
 
+def match(batch: list[Received], found: dict[Path, frozenset[str]]) -> dict[Path, Path]:
+    """{corpus file: delivered file} for the instances of ``batch`` found."""
+    matched: dict[Path, Path] = {}
+    for r in batch:
+        for path, uids in found.items():
+            if r.uids & uids:
+                matched[r.source.path] = path
+                break
+    return matched
+
+
+@pytest.mark.parametrize("delivery", ["folder", "storescp"])
 def test_router_receives_the_corpus_as_storescp_does(
-    tmp_path: Path, mercure_processes: ProcessFactory
+    tmp_path: Path, mercure_processes: ProcessFactory, delivery: str
+) -> None:
+    """``delivery``: the router's target, a folder, or ``storescp +xa +B`` (the dicom target)."""
+    with contextlib.ExitStack() as stops:
+        _corpus_through_router(tmp_path, mercure_processes, delivery, stops)
+
+
+def _corpus_through_router(
+    tmp_path: Path, mercure_processes: ProcessFactory, delivery: str, stops: contextlib.ExitStack
 ) -> None:
     if not (DCMTK_BIN / "dcmsend").exists():
         pytest.skip("DCMTK is not installed (apt-get install dcmtk)")
@@ -87,11 +109,18 @@ def test_router_receives_the_corpus_as_storescp_does(
 
     target = tmp_path / "target"
     target.mkdir()
+    settings: dict[str, Any] = {"target_type": "folder", "folder": str(target)}
+    if delivery == "storescp":
+        scp = DcmtkStoreSCP(target / "in", free_port(), extra_args=("+xa", "--promiscuous"))
+        scp.start()
+        stops.callback(scp.stop)
+        settings = {"target_type": "dicom", "ip": "127.0.0.1", "port": str(scp.port)}
+        settings["aet_target"] = scp.aet
     config = spool_config(
         tmp_path / "router",
         accept_compressed_images=True,
-        targets={"folder": {"target_type": "folder", "folder": str(target)}},
-        rules={"all": {"rule": "True", "target": "folder"}},
+        targets={"out": settings},
+        rules={"all": {"rule": "True", "target": "out"}},
     )
     path = write_config(tmp_path / "mercure.json", config)
     router = mercure_processes.start("router", "run", "--config", str(path))
@@ -103,25 +132,28 @@ def test_router_receives_the_corpus_as_storescp_does(
     }
     seen: set[Path] = set()
     arrived: dict[Path, Path] = {}
+    kept = tmp_path / "kept"
+    kept.mkdir()
     for batch in batches(reference):
         result = dcmsend([r.source.path for r in batch], int(config["port"]))
-        wanted = {r.sop_uid: r.source for r in batch if r.source.path not in refused}
+        wanted = [r for r in batch if r.source.path not in refused]
 
-        def complete(wanted: dict[str, CorpusFile] = wanted) -> dict[str, Path] | None:
-            found = delivered(target, seen)
-            return found if set(wanted) <= set(found) else None
+        def complete(wanted: list[Received] = wanted) -> dict[Path, Path] | None:
+            matched = match(wanted, delivered(target, seen))
+            return matched if len(matched) == len(wanted) else None
 
         try:
-            found = wait_until(complete, 90, f"{len(batch)} instances at the folder target")
+            found = wait_until(complete, 90, f"{len(wanted)} instances at the target")
         except AssertionError:
-            missing = sorted(
-                f.name for uid, f in wanted.items() if uid not in delivered(target, seen)
-            )
+            matched = match(wanted, delivered(target, seen))
+            missing = sorted(r.source.name for r in wanted if r.source.path not in matched)
             print(result.stdout, result.stderr, router.output())
             raise AssertionError(f"not delivered by the router: {missing}") from None
-        for uid, f in wanted.items():
-            arrived[f.path] = found[uid]
-        seen.update(found.values())
+        for source, path in found.items():
+            if delivery == "storescp":  # moved: a later file of the same UID takes its name
+                path = path.rename(kept / f"{len(arrived)}_{path.name}")
+            arrived[source] = path
+            seen.add(path)
 
     mismatches = []
     for source, ref in by_source.items():
@@ -164,7 +196,7 @@ def test_unknown_sop_class_then_ct_on_one_association_both_delivered(
     assert statuses == [0, 0]
 
     def both() -> dict[str, Path] | None:
-        found = delivered(target, set())
+        found = {uid: path for path, uids in delivered(target, set()).items() for uid in uids}
         return found if {private.SOPInstanceUID, ct.SOPInstanceUID} <= set(found) else None
 
     found = wait_until(both, 60, "both instances at the folder target")

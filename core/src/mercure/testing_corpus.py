@@ -57,6 +57,11 @@ class Received:
     #: The SOP Instance UID the sender put in the C-STORE (a broken file may garble it).
     sop_uid: str
 
+    @property
+    def uids(self) -> frozenset[str]:
+        """The UIDs that may name this instance at a receiver: sent, and in the file."""
+        return frozenset({self.sop_uid, self.source.sop_uid})
+
 
 def _pydicom_folders() -> list[Path]:
     import pydicom.data
@@ -151,16 +156,25 @@ def corpus(folder: Path) -> list[CorpusFile]:
 
 
 def batches(files: Iterable[Received]) -> list[list[Received]]:
-    """Split ``files`` into groups without two instances of the same SOP Instance UID."""
+    """Split ``files`` into groups in which no SOP Instance UID names two instances."""
     groups: list[list[Received]] = []
     for f in files:
         for group in groups:
-            if all(g.sop_uid != f.sop_uid for g in group):
+            if all(not (g.uids & f.uids) for g in group):
                 group.append(f)
                 break
         else:
             groups.append([f])
     return groups
+
+
+def instance_uids(path: Path) -> frozenset[str]:
+    """The SOP Instance UIDs of a received file: of its file meta, and of its dataset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    meta = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+    return frozenset(u for u in (meta, str(ds.get("SOPInstanceUID", ""))) if u)
 
 
 def split_file(path: Path) -> tuple[str, bytes]:
