@@ -145,7 +145,16 @@ def test_every_context_is_answered_in_order() -> None:
 def test_receivable_syntaxes() -> None:
     assert set(UNCOMPRESSED) < set(RECEIVABLE)
     assert JPIP_DEFLATE not in RECEIVABLE
-    for ts in (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless, HEVC):
+    jpeg_xl, jpip = "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.94"
+    for ts in (
+        JPEGBaseline8Bit,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        RLELossless,
+        HEVC,
+        jpeg_xl,
+        jpip,
+    ):
         assert ts in RECEIVABLE
     assert DeflatedExplicitVRLittleEndian not in UNCOMPRESSED
 

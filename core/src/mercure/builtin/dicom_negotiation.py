@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import (
     RE_VALID_UID,
-    AllTransferSyntaxes,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 #: The syntaxes DCMTK's storescp accepts without ``+xa`` (mercure's default receiver).
 UNCOMPRESSED: tuple[str, ...] = (
@@ -46,8 +46,9 @@ UNREADABLE: frozenset[str] = frozenset(
     }
 )
 
-#: Every syntax the receiver can take with ``accept_compressed_images: true``.
-RECEIVABLE: tuple[str, ...] = tuple(str(ts) for ts in AllTransferSyntaxes if ts not in UNREADABLE)
+#: Every syntax the receiver can take with ``accept_compressed_images: true``: all that
+#: pynetdicom knows (the dataset is stored as sent, so any encoding pydicom reads will do).
+RECEIVABLE: tuple[str, ...] = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES if ts not in UNREADABLE)
 
 
 class Rejection(enum.IntEnum):
