@@ -527,3 +527,22 @@ def test_several_jobs_are_in_flight_at_once(
     assert not barrier.broken
     states = {state_of(d.runtime, f"job-{i}")[0] for i in range(workers)}
     assert states == {"success"}
+
+
+def test_a_retry_scheduled_while_its_delivery_finishes_is_not_lost(
+    make_dispatcher: Callable[..., Dispatcher], probe: Probe
+) -> None:
+    """A failed delivery schedules its retry before its worker is done; a pass in between
+    must not drop the retry (the job would wait in outgoing/ for ever)."""
+    from concurrent.futures import Future
+
+    d = make_dispatcher()
+    add_job(d.runtime, "job-1", count=2)
+    finishing: Future[None] = Future()
+    d.in_flight["job-1"] = finishing  # its delivery has just rescheduled it, due now
+    d._schedule("job-1", 0.0, "normal")
+    assert d.run_once() == 0  # still in flight: not sent twice
+    finishing.set_result(None)
+    assert d.run_once() == 1  # the delivery ended: the retry goes out
+    d.in_flight["job-1"].result(timeout=60)
+    assert state_of(d.runtime, "job-1")[0] == "success"

@@ -120,10 +120,17 @@ class Dispatcher(Service):
         heap = self._heaps[priority]
         while heap:
             due, _arrived, name = heap[0]
-            if self.due_at.get(name) != due or name in self.in_flight:
+            if self.due_at.get(name) != due:
+                heapq.heappop(heap)  # stale: rescheduled or gone
+                continue
+            if due > now:
+                return None
+            if name in self.in_flight:
+                # Rescheduled by its own delivery, which is still finishing: put back in
+                # run_once once that ends, so the retry is never lost.
                 heapq.heappop(heap)
                 continue
-            return heap[0] if due <= now else None
+            return heap[0]
         return None
 
     def _next_due(self, now: float) -> str | None:
@@ -185,6 +192,10 @@ class Dispatcher(Service):
         with self._lock:
             for job_id in [i for i, f in self.in_flight.items() if f.done()]:
                 del self.in_flight[job_id]
+                if job_id in self.due_at:  # still in outgoing/: due again (see _head)
+                    prio = self.priority_of.get(job_id, "normal")
+                    entry = (self.due_at[job_id], self.arrived.get(job_id, 0.0), job_id)
+                    heapq.heappush(self._heaps[prio], entry)
             free = self.runtime.config.dispatcher_workers * 2 - len(self.in_flight)
         submitted = 0
         while free > 0 and not self.stop_event.is_set():
