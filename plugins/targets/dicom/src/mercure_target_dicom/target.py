@@ -54,6 +54,7 @@ class DicomTarget(Target[DicomTargetConfig]):
             calling_aet=calling,
             timeout=cfg.timeout,
             max_pdu=cfg.max_pdu,
+            lean=cfg.lean_sender,
         )
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
@@ -108,6 +109,7 @@ class DicomTLSTarget(DicomTarget):
             ssl_context=context,
             server_hostname=server_hostname,
             tls_probe=probe,
+            lean=plain.lean,
         )
 
 
