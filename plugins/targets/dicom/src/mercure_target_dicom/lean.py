@@ -10,9 +10,9 @@ This sender does what a C-STORE requestor needs on one thread and one blocking s
 * writes each C-STORE-RQ command and the file's dataset bytes, as stored after the file meta
   information, straight from the file into P-DATA-TF PDUs of the peer's maximum length, a few
   hundred KiB per ``sendall``; a 1 GiB instance is sent with a buffer of about 1 MiB;
-* reads each C-STORE-RSP and its status; when the peer negotiated asynchronous operations it
-  keeps up to that many requests outstanding (never more than :data:`ASYNC_WINDOW`),
-  otherwise one at a time.
+* reads each C-STORE-RSP and its status. With ``async_operations`` > 1 in the target it
+  proposes an asynchronous operations window; if the peer's answer grants one, up to that
+  many requests stay outstanding, otherwise (and by default) one at a time.
 
 It uses no pynetdicom internals, only its status tables (:mod:`.status`). Instances whose
 stored syntax the peer did not accept are not sent here: the caller sends them with
@@ -57,8 +57,6 @@ from mercure_target_dicom.status import describe_status, is_delivered
 log = get_logger("mercure.target.dicom")
 
 ENV_SWITCH = "MERCURE_LEAN_SENDER"
-#: Most C-STORE requests kept outstanding when the peer allows asynchronous operations.
-ASYNC_WINDOW = 8
 #: About this many bytes are written per ``sendall``.
 SEND_BLOCK = 256 * 1024
 #: Largest PDU accepted from the peer when this side sets no limit (responses are small).
@@ -109,7 +107,11 @@ class LeanAssociation:
             raise TargetError(explain_failure(peer, what, "C-STORE"))
         limit = ac.max_pdu or wire.UNLIMITED_PDU
         self.fragment = max(min(limit, wire.UNLIMITED_PDU) - 6, 1)
-        self.window = ASYNC_WINDOW if ac.invoked == 0 else max(1, min(ac.invoked, ASYNC_WINDOW))
+        proposed_window = max(peer.async_window, 1)
+        if ac.invoked is None or proposed_window == 1:
+            self.window = 1  # the peer did not answer the proposal: synchronous
+        else:
+            self.window = proposed_window if ac.invoked == 0 else min(ac.invoked, proposed_window)
         size = max(SEND_BLOCK, self.fragment + wire.PDATA_OVERHEAD) + 2 * 1024
         self._buffer = bytearray(size + self.fragment + wire.PDATA_OVERHEAD)
 
@@ -135,7 +137,7 @@ class LeanAssociation:
                 raise TargetError(explain_failure(peer, what, "C-STORE")) from exc
         self.sock.settimeout(peer.timeout)
         rq = wire.associate_rq(
-            peer.called_aet, peer.calling_aet, proposed, peer.max_pdu, ASYNC_WINDOW
+            peer.called_aet, peer.calling_aet, proposed, peer.max_pdu, peer.async_window
         )
         try:
             self.sock.sendall(rq)

@@ -23,6 +23,8 @@ class Peer:
     tls_probe: Callable[[], str | None] | None = None
     #: Send C-STOREs with the lean sender (:mod:`.lean`); False: pynetdicom's ``send_c_store``.
     lean: bool = True
+    #: Outstanding C-STOREs to propose (asynchronous operations window); 1 = not proposed.
+    async_window: int = 1
 
     @property
     def label(self) -> str:

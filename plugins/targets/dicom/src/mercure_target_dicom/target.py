@@ -55,6 +55,7 @@ class DicomTarget(Target[DicomTargetConfig]):
             timeout=cfg.timeout,
             max_pdu=cfg.max_pdu,
             lean=cfg.lean_sender,
+            async_window=cfg.async_operations,
         )
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
@@ -110,6 +111,7 @@ class DicomTLSTarget(DicomTarget):
             server_hostname=server_hostname,
             tls_probe=probe,
             lean=plain.lean,
+            async_window=plain.async_window,
         )
 
 

@@ -84,8 +84,8 @@ class Accepted:
 
     results: dict[int, tuple[int, str]] = field(default_factory=dict)
     max_pdu: int = 0  # the largest PDU (length field) the peer receives; 0 = no limit
-    #: Outstanding requests this side may invoke (1 = synchronous, 0 = unlimited).
-    invoked: int = 1
+    #: Outstanding requests this side may invoke (0 = unlimited; None: no window item).
+    invoked: int | None = None
 
 
 def parse_associate_ac(body: bytes) -> Accepted:
