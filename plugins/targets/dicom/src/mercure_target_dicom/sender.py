@@ -2,20 +2,19 @@
 
 What it does, and why:
 
-* The presentation contexts are built from the SOP classes and transfer syntaxes actually in
-  the job's files (read from the file meta information only). Each stored syntax gets a context
-  of its own, so the peer can accept it and the file is sent as stored; where a lossless
-  conversion exists (between the uncompressed little-endian syntaxes, and deflated to
-  inflated) a fallback context offers Explicit/Implicit VR Little Endian too. Compressed data is
-  never decompressed: if the peer refuses its syntax, that instance fails with the reason.
-* A file whose stored syntax was accepted is sent as its encoded bytes, read in chunks from the
-  file, never decoded (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``); only a converted file is
-  decoded and re-encoded.
+* The presentation contexts come from the files (:mod:`.plan`): each stored syntax is
+  proposed, with a lossless fallback where one exists; compressed data is never decompressed.
+* C-STOREs go through the lean sender (:mod:`.lean`), which writes a file's stored dataset
+  bytes straight into P-DATA PDUs. Switched off (``lean_sender: false`` or
+  ``MERCURE_LEAN_SENDER=0``), and for the instances that need a conversion, pynetdicom's
+  ``send_c_store`` sends them: a file as its stored bytes, read in chunks
+  (``STORE_SEND_CHUNKED_DATASET``), or a decoded dataset re-encoded in the accepted syntax.
 * Every C-STORE response is checked: success and warning statuses count as delivered, anything
   else (or no answer) as failed with the status and its meaning, so that the dispatcher keeps
   exactly those pending and a retry sends only them.
 * A failed association (refused connection, rejection, abort, TLS failure, timeout) raises
-  :class:`~mercure.targets.TargetError` with what happened and what to check.
+  :class:`~mercure.targets.TargetError` with what happened and what to check
+  (:mod:`.failures`).
 """
 
 from __future__ import annotations
