@@ -306,17 +306,20 @@ class _Source:
     def read_into(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
-            n = self.fh.readinto(view[got:])
+            try:
+                n = self.fh.readinto(view[got:])
+            except OSError as exc:  # not the socket's error: the association cannot go on
+                raise _FileError(f"cannot read {self.path.name}: {exc}") from exc
             if not n:
-                raise _FileShrank(f"{self.path.name} ended {len(view) - got} bytes early")
+                raise _FileError(f"{self.path.name} ended {len(view) - got} bytes early")
             got += n
 
     def close(self) -> None:
         self.fh.close()
 
 
-class _FileShrank(Exception):
-    """The file changed while it was sent: the association cannot go on."""
+class _FileError(Exception):
+    """The file could not be read to its end while it was sent: the association cannot go on."""
 
 
 class LeanSession:
@@ -398,7 +401,7 @@ class LeanSession:
                 f"the peer took no data for {self.peer.timeout:g} s (network timeout); the "
                 "association was aborted"
             ) from exc
-        except _FileShrank as exc:
+        except _FileError as exc:
             self.assoc.abort()
             raise Ended(f"{exc}; the association was aborted") from exc
         except OSError as exc:
