@@ -243,3 +243,77 @@ def report(name: str, figures: dict[str, Any]) -> None:
     with open(RESULTS / f"{name}.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
     print(json.dumps(record))
+
+
+# -- references of the throughput bench ---------------------------------------------------
+
+
+def durable_floor(folder: Path, count: int, size: int, group: int = 0) -> float:
+    """Seconds to write ``count`` instances of ``size`` bytes durably on this disk.
+
+    ``group`` = 0: what a durable receiver does per instance (write a temporary file,
+    ``fdatasync``, rename, ``fsync`` the folder). ``group`` = N: group commit, appending every
+    instance to one file with one ``fdatasync`` per N instances (and one at the end).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(size)
+    settle_disk()
+    start = time.perf_counter()
+    if group <= 0:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(count):
+                tmp, final = folder / f".{i}.tmp", folder / f"{i}.dcm"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, payload)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)
+                os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    else:
+        fd = os.open(folder / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for i in range(count):
+                os.write(fd, payload)
+                if (i + 1) % group == 0:
+                    os.fdatasync(fd)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(folder, ignore_errors=True)
+    return elapsed
+
+
+ORTHANC_FORWARD_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'target')
+end
+"""
+
+
+@contextmanager
+def orthanc_forwarding_to(scp: StoreSCP, base: Path) -> Iterator[int]:
+    """Debian's Orthanc forwarding every stored instance to ``scp``; yields its DICOM port."""
+    from mercure.testing_orthanc import ORTHANC_BIN, Orthanc
+
+    if not ORTHANC_BIN.exists():
+        raise RuntimeError("Orthanc is needed: apt-get install orthanc")
+    script = base / "forward.lua"
+    script.write_text(ORTHANC_FORWARD_LUA)
+    server = Orthanc(
+        base / "orthanc",
+        extra={
+            "LuaScripts": [str(script)],
+            "DicomModalities": {"target": ["STORESCP", "127.0.0.1", scp.port]},
+            "StorageCompression": False,
+        },
+    ).start()
+    try:
+        yield server.dicom_port
+    finally:
+        server.stop()

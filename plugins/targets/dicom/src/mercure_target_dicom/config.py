@@ -4,7 +4,8 @@ The field names and meanings are mercure's (``ip``, ``port``, ``aet_target``, ``
 ``pass_sender_aet``, ``pass_receiver_aet``, and for TLS ``tls_key``, ``tls_cert``,
 ``ca_cert``), so an existing ``mercure.json`` loads unchanged. mercure stores the port as a
 string; an int is accepted too. The fields this plugin adds (``timeout``, ``max_pdu``,
-``tls_check_hostname``, ``tls_key_password``) all have defaults.
+``tls_check_hostname``, ``tls_key_password``, ``lean_sender``, ``async_operations``) all
+have defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class DicomTargetConfig(TargetConfig):
     # Added by this project.
     timeout: float = Field(default=60.0, gt=0)
     max_pdu: int = Field(default=0, ge=0)
+    #: Send with the lean C-STORE sender (False: pynetdicom's send_c_store, as before).
+    lean_sender: bool = True
+    #: C-STORE requests kept outstanding if the peer agrees (asynchronous operations window;
+    #: 1 = one at a time and not proposed: some peers drop associations that propose it).
+    async_operations: int = Field(default=1, ge=1, le=64)
 
     @field_validator("ip")
     @classmethod

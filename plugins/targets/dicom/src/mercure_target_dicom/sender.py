@@ -2,175 +2,76 @@
 
 What it does, and why:
 
-* The presentation contexts are built from the SOP classes and transfer syntaxes actually in
-  the job's files (read from the file meta information only). Each stored syntax gets a context
-  of its own, so the peer can accept it and the file is sent as stored; where a lossless
-  conversion exists (between the uncompressed little-endian syntaxes, and deflated to
-  inflated) a fallback context offers Explicit/Implicit VR Little Endian too. Compressed data is
-  never decompressed: if the peer refuses its syntax, that instance fails with the reason.
-* A file whose stored syntax was accepted is sent as its encoded bytes, read in chunks from the
-  file, never decoded (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``); only a converted file is
-  decoded and re-encoded.
+* The presentation contexts come from the files (:mod:`.plan`): each stored syntax is
+  proposed, with a lossless fallback where one exists; compressed data is never decompressed.
+* C-STOREs go through the lean sender (:mod:`.lean`), which writes a file's stored dataset
+  bytes straight into P-DATA PDUs. Switched off (``lean_sender: false`` or
+  ``MERCURE_LEAN_SENDER=0``), and for the instances that need a conversion, pynetdicom's
+  ``send_c_store`` sends them: a file as its stored bytes, read in chunks
+  (``STORE_SEND_CHUNKED_DATASET``), or a decoded dataset re-encoded in the accepted syntax.
 * Every C-STORE response is checked: success and warning statuses count as delivered, anything
   else (or no answer) as failed with the status and its meaning, so that the dispatcher keeps
   exactly those pending and a retry sends only them.
 * A failed association (refused connection, rejection, abort, TLS failure, timeout) raises
-  :class:`~mercure.targets.TargetError` with what happened and what to check.
+  :class:`~mercure.targets.TargetError` with what happened and what to check
+  (:mod:`.failures`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import pydicom
 from mercure import dimse_tuning
 from mercure.dimse_tuning import keep_responses_from_reactor
 from mercure.targets import MoreFiles, TargetError
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from mercure_target_dicom import lean
+from mercure_target_dicom.failures import Negotiation, abort_text, explain_failure
+from mercure_target_dicom.peer import Peer
+from mercure_target_dicom.plan import (
+    AS_STORED,
+    CONVERT,
+    MAX_CONTEXTS,
+    Instance,
+    SendOutcome,
+    covered,
+    group_for_associations,
+    how_to_send,
+    plan_contexts,
+    read_instance,
+)
 from mercure_target_dicom.status import describe_status, is_delivered
+
+__all__ = [
+    "MAX_CONTEXTS",
+    "Instance",
+    "Peer",
+    "SendOutcome",
+    "Sender",
+    "echo",
+    "group_for_associations",
+    "plan_contexts",
+    "read_instance",
+]
 
 # Send the stored bytes of a file instead of decoding and re-encoding it (pynetdicom >= 2.0).
 # With this set, a *path* is only sent over a context whose syntax equals the stored one; this
 # module converts explicitly (by passing a decoded Dataset) where that is lossless.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-MAX_CONTEXTS = 128  # DICOM allows at most 128 presentation contexts per association
-FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-CONVERTIBLE = frozenset(
-    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
-)
 DEFAULT_CALLING_AET = "MERCURE"
 DEFAULT_CALLED_AET = "ANY-SCP"
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Where to send: address, port, AE titles, and TLS settings if any."""
-
-    host: str
-    port: int
-    called_aet: str
-    calling_aet: str
-    timeout: float
-    max_pdu: int = 0
-    ssl_context: ssl.SSLContext | None = None
-    server_hostname: str | None = None
-    #: Called when the association fails, to explain a TLS failure (see tls.probe_tls).
-    tls_probe: Callable[[], str | None] | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.called_aet}@{self.host}:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One file to send, described by its file meta information."""
-
-    path: Path
-    sop_class: UID
-    sop_instance: UID
-    transfer_syntax: UID
-
-
-@dataclass
-class SendOutcome:
-    """Per file name: delivered, or failed with a reason; ``error`` explains an interruption."""
-
-    delivered: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-
-
-def read_instance(path: Path) -> Instance:
-    """Read a file's meta information; ``ValueError`` says why the file cannot be sent."""
-    try:
-        meta = read_file_meta_info(path)
-    except (InvalidDicomError, OSError, EOFError) as exc:
-        raise ValueError(f"cannot read {path.name} as a DICOM file: {exc}") from exc
-    except Exception as exc:  # a damaged header must fail this file, not the whole job
-        raise ValueError(
-            f"cannot read the file meta information of {path.name}: {exc.__class__.__name__}: {exc}"
-        ) from exc
-    missing = [
-        kw
-        for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
-        if not meta.get(kw)
-    ]
-    if missing:
-        raise ValueError(
-            f"{path.name} has no {', '.join(missing)} in its file meta information; it is not a "
-            "DICOM Part 10 file that can be sent"
-        )
-    return Instance(
-        path,
-        UID(str(meta.MediaStorageSOPClassUID)),
-        UID(str(meta.MediaStorageSOPInstanceUID)),
-        UID(str(meta.TransferSyntaxUID)),
-    )
-
-
-def plan_contexts(instances: Iterable[Instance]) -> list[tuple[UID, list[UID]]]:
-    """The presentation contexts for ``instances``: stored syntaxes first, then a fallback."""
-    syntaxes: dict[UID, list[UID]] = {}
-    for inst in instances:
-        seen = syntaxes.setdefault(inst.sop_class, [])
-        if inst.transfer_syntax not in seen:
-            seen.append(inst.transfer_syntax)
-    contexts: list[tuple[UID, list[UID]]] = []
-    for sop_class, stored in syntaxes.items():
-        contexts.extend((sop_class, [ts]) for ts in stored)
-        if any(ts in CONVERTIBLE for ts in stored):
-            fallback = [ts for ts in FALLBACK_SYNTAXES if ts not in stored]
-            if fallback:
-                contexts.append((sop_class, fallback))
-    return contexts
-
-
-def group_for_associations(instances: list[Instance]) -> list[list[Instance]]:
-    """Split instances so that each group needs at most 128 presentation contexts.
-
-    Nearly every job fits one association; only a job with dozens of SOP classes is split.
-    """
-    by_class: dict[UID, list[Instance]] = {}
-    for inst in instances:
-        by_class.setdefault(inst.sop_class, []).append(inst)
-    groups: list[list[Instance]] = []
-    current: list[Instance] = []
-    count = 0
-    for members in by_class.values():
-        needed = len(plan_contexts(members))
-        if current and count + needed > MAX_CONTEXTS:
-            groups.append(current)
-            current, count = [], 0
-        current.extend(members)
-        count += needed
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _set_nodelay(event: Any) -> None:
@@ -217,12 +118,9 @@ class _Watch:
         if prim is None:
             return "the connection was closed" if self.closed else "the association was aborted"
         if type(prim).__name__ == "A_P_ABORT":
-            return "the connection was closed or broke (A-P-ABORT)"
+            return abort_text(None)
         source = getattr(prim, "abort_source", None)
-        who = {0: "the peer (service user)", 2: "the peer's DICOM layer (service provider)"}.get(
-            source if isinstance(source, int) else -1, "the peer"
-        )
-        return f"{who} aborted the association (A-ABORT)"
+        return abort_text(source if isinstance(source, int) else -1)
 
 
 def _make_ae(peer: Peer) -> AE:
@@ -245,7 +143,7 @@ def _associate(ae: AE, peer: Peer, watch: _Watch) -> Association:
         peer.port,
         ae_title=peer.called_aet,
         max_pdu=peer.max_pdu,
-        tls_args=tls_args,  # type: ignore[arg-type]
+        tls_args=tls_args,
         evt_handlers=watch.handlers(),
     )
     keep_responses_from_reactor(assoc)
@@ -253,50 +151,23 @@ def _associate(ae: AE, peer: Peer, watch: _Watch) -> Association:
 
 
 def association_failure(peer: Peer, assoc: Association, watch: _Watch, purpose: str) -> str:
-    """Why an association was not established, in words an operator can act on."""
-    where = f"{purpose} to {peer.label}"
-    if assoc.is_rejected and watch.response is not None:
-        rsp = watch.response
-        reason = f"{rsp.result_str}, source {rsp.source_str}, reason {rsp.reason_str}"
-        return (
-            f"{where}: association rejected ({reason}); check that the peer knows calling AE "
-            f"title '{peer.calling_aet}' and answers to called AE title '{peer.called_aet}' "
-            "(aet_source / aet_target)"
-        )
-    if assoc.is_rejected:
-        return f"{where}: association rejected by the peer; check aet_source and aet_target"
+    """Why a pynetdicom association was not established (see :mod:`.failures`)."""
+    what = Negotiation(connected=watch.connected)
     rsp = watch.response
-    if rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts:
-        proposed = ", ".join(
-            f"{UID(cx.abstract_syntax or '').name} "
-            f"({', '.join(UID(ts).name for ts in cx.transfer_syntax)})"
-            for cx in assoc.rejected_contexts[:4]
+    if assoc.is_rejected:
+        what.rejection = (
+            f"{rsp.result_str}, source {rsp.source_str}, reason {rsp.reason_str}"
+            if rsp is not None
+            else ""
         )
-        return (
-            f"{where}: the peer accepted none of the proposed presentation contexts "
-            f"({proposed}{', ...' if len(assoc.rejected_contexts) > 4 else ''}); configure "
-            "the peer to accept these SOP classes and transfer syntaxes"
-        )
-    # A TLS failure shows as a failed connect (handshake) or a broken negotiation (TLS 1.3
-    # rejects a client certificate after the handshake): shake hands once more to say why.
-    if peer.tls_probe is not None:
-        detail = peer.tls_probe()
-        if detail:
-            return f"{where}: {detail}"
-    if not watch.connected:
-        return f"{where}: {_connect_failure(peer)}"
-    if watch.abort is not None or watch.closed:
-        hint = (
-            "the peer requires DICOM TLS: use target type 'dicomtls'"
-            if peer.ssl_context is None and _speaks_tls(peer)
-            else f"check that the peer accepts calling AE title '{peer.calling_aet}' from this "
-            "address and is not overloaded"
-        )
-        return f"{where}: {watch.abort_text()} during association negotiation — {hint}"
-    return (
-        f"{where}: no answer to the association request within {peer.timeout:g} s; check that "
-        "the port belongs to a DICOM service"
-    )
+    elif rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts:
+        what.refused_contexts = [
+            (str(cx.abstract_syntax or ""), [str(ts) for ts in cx.transfer_syntax])
+            for cx in assoc.rejected_contexts
+        ]
+    elif watch.abort is not None or watch.closed:
+        what.ended = watch.abort_text()
+    return explain_failure(peer, what, purpose)
 
 
 def _ended_reason(assoc: Association, watch: _Watch, peer: Peer, started: float) -> str:
@@ -318,37 +189,6 @@ def _ended_reason(assoc: Association, watch: _Watch, peer: Peer, started: float)
     return "the association was aborted"
 
 
-def _speaks_tls(peer: Peer) -> bool:
-    from mercure_target_dicom.tls import speaks_tls
-
-    return speaks_tls(peer.host, peer.port, peer.timeout)
-
-
-def _connect_failure(peer: Peer) -> str:
-    """Reproduce a failed TCP connection to say why it failed."""
-    try:
-        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout, 10)):
-            pass
-    except ConnectionRefusedError:
-        return (
-            f"connection to {peer.address} refused: nothing listens there; check that the "
-            "peer is running and the ip and port are right"
-        )
-    except socket.gaierror as exc:
-        return f"cannot resolve host '{peer.host}': {exc.strerror}; check the ip setting"
-    except TimeoutError:
-        return (
-            f"connecting to {peer.address} timed out; check the address and that no firewall "
-            "blocks the port"
-        )
-    except OSError as exc:
-        return f"cannot connect to {peer.address}: {exc.strerror or exc}"
-    return (
-        f"the connection to {peer.address} failed while opening (it works now: the peer may "
-        "have been restarting)"
-    )
-
-
 class _Session:
     """One established association: what it negotiated, and sending over it."""
 
@@ -366,16 +206,12 @@ class _Session:
         for cx in self.assoc.accepted_contexts:
             abstract = UID(cx.abstract_syntax or "")
             self.accepted.setdefault(abstract, []).append(UID(cx.transfer_syntax[0]))
-        self.proposed = {(sop, ts) for sop, syntaxes in self.contexts for ts in syntaxes}
         self.message_id = 0
+        self.to_convert: list[Instance] = []  # always empty: this session converts itself
 
     def covers(self, inst: Instance) -> bool:
         """Whether this association was negotiated for the instance's class and syntax."""
-        if (inst.sop_class, inst.transfer_syntax) in self.proposed:
-            return True
-        return inst.transfer_syntax in CONVERTIBLE and any(
-            (inst.sop_class, ts) in self.proposed for ts in FALLBACK_SYNTAXES
-        )
+        return covered(self.contexts, inst)
 
     def store(self, instances: list[Instance], outcome: SendOutcome) -> bool:
         """C-STORE each instance; False once the association has ended (the rest failed)."""
@@ -427,22 +263,11 @@ class _Session:
 
 def _payload(peer: Peer, inst: Instance, accepted: list[UID]) -> tuple[Path | Dataset | None, str]:
     """The file itself (sent as stored) or a decoded dataset to convert, or why neither."""
-    if inst.transfer_syntax in accepted:
+    mode, problem = how_to_send(peer, inst, accepted)
+    if mode == AS_STORED:
         return inst.path, ""
-    if not accepted:
-        return None, (
-            f"the peer {peer.label} did not accept {inst.sop_class.name} "
-            f"({inst.sop_class}); configure it to accept this SOP class"
-        )
-    convertible = [ts for ts in accepted if ts in CONVERTIBLE]
-    if inst.transfer_syntax not in CONVERTIBLE or not convertible:
-        kind = "compressed" if inst.transfer_syntax.is_compressed else "stored"
-        return None, (
-            f"the peer {peer.label} accepts {inst.sop_class.name} only as "
-            f"{', '.join(ts.name for ts in accepted)}, not as {inst.transfer_syntax.name} "
-            f"in which {inst.path.name} is {kind}; it is not converted (lossy or not "
-            "losslessly convertible): configure the peer to accept that transfer syntax"
-        )
+    if mode != CONVERT:
+        return None, problem
     try:
         ds = pydicom.dcmread(inst.path)
     except Exception as exc:
@@ -450,12 +275,24 @@ def _payload(peer: Peer, inst: Instance, accepted: list[UID]) -> tuple[Path | Da
     return ds, ""
 
 
+_AnySession = Union[_Session, lean.LeanSession]  # noqa: UP007 - a runtime alias
+
+
 class Sender:
-    """Sends instances to one peer; a new object (and AE) per job, so jobs run in parallel."""
+    """Sends instances to one peer; a new object (and AE) per job, so jobs run in parallel.
+
+    C-STOREs go through the lean sender (:mod:`.lean`) unless it is switched off; the
+    instances it leaves for conversion are sent over a pynetdicom association afterwards.
+    """
 
     def __init__(self, peer: Peer, *, task_id: str = "") -> None:
         self.peer = peer
         self.task_id = task_id
+
+    def _open(self, group: list[Instance], plain: bool = False) -> _AnySession:
+        if not plain and lean.enabled(self.peer):
+            return lean.LeanSession(self.peer, group)
+        return _Session(self.peer, group)
 
     @staticmethod
     def _read(files: list[Path], outcome: SendOutcome) -> list[Instance]:
@@ -467,29 +304,37 @@ class Sender:
                 outcome.failed[path.name] = str(exc)
         return instances
 
-    def send(self, files: list[Path], outcome: SendOutcome | None = None) -> SendOutcome:
+    def send(
+        self, files: list[Path], outcome: SendOutcome | None = None, *, plain: bool = False
+    ) -> SendOutcome:
         """Send ``files`` over one association (more only if they need over 128 contexts)."""
         outcome = outcome if outcome is not None else SendOutcome()
         started_empty = not outcome.delivered and not outcome.failed
         groups = group_for_associations(self._read(files, outcome))
+        to_convert: list[Instance] = []
         for index, group in enumerate(groups):
             try:
-                session = _Session(self.peer, group)
+                session = self._open(group, plain)
             except TargetError as exc:
                 if index == 0 and started_empty and not outcome.failed:
                     raise  # nothing happened: the whole job failed for one reason
                 for inst in (i for g in groups[index:] for i in g):
                     outcome.failed.setdefault(inst.path.name, str(exc))
                 outcome.error = str(exc)
-                break
+                return outcome
             try:
                 alive = session.store(group, outcome)
             finally:
                 session.close()
+            to_convert += session.to_convert
             if not alive:
                 for inst in (i for g in groups[index + 1 :] for i in g):
                     outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
-                break
+                for inst in to_convert:
+                    outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
+                return outcome
+        if to_convert:
+            self.send([i.path for i in to_convert], outcome, plain=True)
         return outcome
 
     def stream(
@@ -504,11 +349,11 @@ class Sender:
         One association carries them all while files keep coming; after ``idle_release`` seconds
         without a new file it is released (the dispatcher hands the job back when more
         arrive). Files whose SOP class or transfer syntax the open association was not
-        negotiated for are sent on a new association at the end.
+        negotiated for, and files to convert, are sent on a new association at the end.
         """
         outcome = SendOutcome()
         batch = self._read(files, outcome)
-        session: _Session | None = None
+        session: _AnySession | None = None
         deferred: list[Instance] = []
         last_file = time.monotonic()
         try:
@@ -516,7 +361,7 @@ class Sender:
                 if batch:
                     if session is None:
                         try:
-                            session = _Session(self.peer, batch)
+                            session = self._open(batch)
                         except TargetError as exc:
                             if not outcome.delivered and not outcome.failed:
                                 raise
@@ -527,7 +372,7 @@ class Sender:
                     now = [i for i in batch if session.covers(i)]
                     deferred.extend(i for i in batch if not session.covers(i))
                     if not session.store(now, outcome):
-                        for inst in deferred:
+                        for inst in [*deferred, *session.to_convert]:
                             outcome.failed.setdefault(inst.path.name, f"not sent: {outcome.error}")
                         return outcome
                     if confirm is not None:
@@ -549,6 +394,8 @@ class Sender:
                 session.close()
         if deferred:
             self.send([i.path for i in deferred], outcome)
+        if session is not None and session.to_convert:
+            self.send([i.path for i in session.to_convert], outcome, plain=True)
         return outcome
 
 

@@ -54,6 +54,8 @@ class DicomTarget(Target[DicomTargetConfig]):
             calling_aet=calling,
             timeout=cfg.timeout,
             max_pdu=cfg.max_pdu,
+            lean=cfg.lean_sender,
+            async_window=cfg.async_operations,
         )
 
     def send(self, job: DeliveryJob) -> DeliveryResult:
@@ -108,6 +110,8 @@ class DicomTLSTarget(DicomTarget):
             ssl_context=context,
             server_hostname=server_hostname,
             tls_probe=probe,
+            lean=plain.lean,
+            async_window=plain.async_window,
         )
 
 
