@@ -89,8 +89,9 @@ def test_schema_3_counts_the_jobs_already_there_and_keeps_counting(schema2: Data
     assert migrate(db) == list(range(3, LATEST + 1))
     assert job_counts(db) == before
     writer = Writer(db, "new")
-    writer.write(_event("b0", TaskEventType.ROUTED, time=1000.0), _event("b1", TaskEventType.ROUTED),
-                 _event("a3", TaskEventType.COMPLETED), _event("a2", TaskEventType.MANUAL_RETRY),
+    writer.write(_event("b0", TaskEventType.ROUTED, time=1000.0),
+                 _event("b1", TaskEventType.ROUTED), _event("a3", TaskEventType.COMPLETED),
+                 _event("a2", TaskEventType.MANUAL_RETRY),
                  _event("a2", TaskEventType.COMPLETED))  # fmt: skip
     assert job_counts(db) == counted(db) == {"outgoing": 3, "success": 4}
     # The same state written again (a retry scheduled while outgoing) changes no count.

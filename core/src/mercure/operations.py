@@ -285,10 +285,10 @@ def retry_processing(store: JobStore, ref: JobRef, task: Task) -> int:
 
 
 __all__ = [
+    "OpenStudy",
     "OperationError",
     "Outcome",
     "discard_job",
-    "OpenStudy",
     "failed_in_processing",
     "force_complete_study",
     "resume_service",

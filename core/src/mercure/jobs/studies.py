@@ -321,8 +321,8 @@ def series_part(key: str, tags: dict[str, str], files: Iterable[Path]) -> Series
 
 __all__ = [
     "FORCE_COMPLETE",
-    "OpenStudy",
     "TASKFILE",
+    "OpenStudy",
     "SeriesPart",
     "StudyBusy",
     "StudyRef",

@@ -261,7 +261,8 @@ class LedgerQueries:
         """The events of a job and of its child jobs, by job and time."""
         rows = self.db.query(
             "SELECT * FROM events WHERE task_id = ? OR task_id IN "
-            "(SELECT task_id FROM jobs WHERE parent_id = ? AND parent_id <> '') ORDER BY task_id = ? DESC, seq",
+            "(SELECT task_id FROM jobs WHERE parent_id = ? AND parent_id <> '') "
+            "ORDER BY task_id = ? DESC, seq",
             [task_id, task_id, task_id],
         )
         return [_event(r) for r in rows]

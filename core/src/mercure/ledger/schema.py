@@ -46,7 +46,8 @@ class Migration:
         return self.statements + (self.postgresql if backend == "postgresql" else self.sqlite)
 
 
-_PG_COUNT_FUNCTION = """CREATE FUNCTION mercure_job_counts() RETURNS trigger LANGUAGE plpgsql AS $body$
+_PG_COUNT_FUNCTION = """CREATE FUNCTION mercure_job_counts() RETURNS trigger
+LANGUAGE plpgsql AS $body$
 DECLARE
     own INTEGER := pg_backend_pid();
 BEGIN

@@ -19,8 +19,7 @@ from mercure.ledger import LedgerSettings
 from mercure.ledger.db import Database, LedgerUnavailable, parse_url
 from mercure.ledger.queue import EventQueue, Position
 from mercure.ledger.records import LedgerRecord
-from mercure.ledger.schema import migrate
-from mercure.ledger.schema import compact_job_counts
+from mercure.ledger.schema import compact_job_counts, migrate
 from mercure.ledger.writer import apply_retention, stored_cursor, write_batch
 from mercure.logs import get_logger
 from mercure.monitors import Monitor, PermanentMonitorError

@@ -2,8 +2,9 @@
 masked configuration) and the operator actions, each behind a confirmation page.
 
 The actions call :mod:`mercure.operations`, the functions behind ``mercure job retry``,
-``mercure job discard``, ``mercure study complete``, ``mercure suspend`` and ``mercure resume``, with the logged-in user
-as the operator, so the ledger records who did what and from where (``by: web``).
+``mercure job discard``, ``mercure study complete``, ``mercure suspend`` and
+``mercure resume``, with the logged-in user as the operator, so the ledger records who did
+what and from where (``by: web``).
 """
 
 from __future__ import annotations
