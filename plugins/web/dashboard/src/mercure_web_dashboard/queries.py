@@ -122,7 +122,9 @@ class DashboardQueries(LedgerQueries):
             params.append(_prefix(task_prefix))
         after = _parse_cursor(cursor)
         if after is not None:
-            where.append("(j.created < ? OR (j.created = ? AND j.task_id < ?))")
+            # "created <= ?" is the index range (the OR alone would be a filter over every
+            # newer job: the hundredth page would read 5,000 rows to skip them).
+            where.append("j.created <= ? AND (j.created < ? OR j.task_id < ?)")
             params.extend([after[0], after[0], after[1]])
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         cols = ", ".join(f"j.{c.strip()}" for c in JOB_COLUMNS.split(","))
