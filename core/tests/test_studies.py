@@ -262,7 +262,10 @@ def test_force_complete_operation_records_the_operator(
     router.run_once()
     [listed] = study_store(rt).open_studies()
     assert (listed.study_uid, listed.rule, listed.series, listed.instances) == (
-        STUDY, "s", ("T1",), 2
+        STUDY,
+        "s",
+        ("T1",),
+        2,
     )
     assert listed.trigger == "received_series" and not listed.force_requested
     with pytest.raises(OperationError, match="no study 'nope'"):
