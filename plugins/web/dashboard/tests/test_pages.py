@@ -136,6 +136,12 @@ def test_force_a_study_from_the_studies_page(env: Env, tmp_path: Path) -> None:
     assert forged.status_code == 403 and "security token" in forged.text
     listed = olga.get("/studies").text
     assert study_uid in listed and "/actions/force?study=" in listed  # still waiting
+    link = re.search(rf'data-study="{re.escape(study_uid)}".*?href="/jobs/([0-9a-f-]+)"', listed,
+                     re.S)  # fmt: skip
+    assert link, "the study's job is not linked"
+    collecting = olga.get(f"/jobs/{link.group(1)}")
+    assert collecting.status_code == 200 and "studies/" in collecting.text
+    assert "being collected by rule mr_study" in collecting.text
     done = act(olga, "force", study=study_uid, rule="mr_study")
     assert done.status_code == 200 and "completion requested" in done.text
     released = wait_until(
@@ -144,6 +150,7 @@ def test_force_a_study_from_the_studies_page(env: Env, tmp_path: Path) -> None:
         60, "the study released",
     )  # fmt: skip
     task_id = released["task_id"]
+    assert task_id == link.group(1)
     wait_until(lambda: task_id in env.jobs("success"), 60, "the study job delivered")
     delivered = wait_until(lambda: len(deliveries(env, task_id)) == 3 and deliveries(env, task_id),
                            30, "the deliveries in the ledger")  # fmt: skip
