@@ -136,16 +136,20 @@ class StudyStore:
 
     def open_studies(self) -> list[OpenStudy]:
         """Every study being collected, read from its task file (no claim taken: a study
-        released meanwhile is simply gone at the next look)."""
+        released meanwhile is simply gone at the next look). A folder without a task file
+        is left out: its first series is being added (or it is an orphan the router removes).
+        """
         found = []
         for ref in self.entries():
             try:
                 task = read_task(ref.path)
                 collection = ensure_collection(task)
                 instances = self.instance_count(ref)
+            except FileNotFoundError:
+                continue
             except (OSError, ValueError):
                 if ref.path.is_dir():  # else released meanwhile
-                    found.append(OpenStudy(ref, error="task.json missing or unreadable"))
+                    found.append(OpenStudy(ref, error="task.json unreadable"))
                 continue
             study = task.study
             if collection is None or not isinstance(study, TaskStudy):

@@ -284,6 +284,7 @@ def test_force_a_study_in_a_real_browser(
                  study_uid=study_uid)  # fmt: skip
     tab.reload_until("/studies", study_uid, 60, "the study on the studies page")
     row = tab.page.locator(f"tr[data-study='{study_uid}']")
+    row.wait_for(timeout=10_000)
     text = row.inner_text()
     assert "mr_study" in text and "e2e Ax T2" in text and "(timeout)" in text
     assert "then discard" in text  # the force-complete deadline and what happens then

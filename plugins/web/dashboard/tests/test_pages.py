@@ -124,7 +124,7 @@ def test_force_a_study_from_the_studies_page(env: Env, tmp_path: Path) -> None:
     store_instances(files, env.dicom_port)
     vera, olga = login(env.url, "vera"), login(env.url, "olga")
     page = wait_until(
-        lambda: (t := vera.get("/studies").text) and study_uid in t and t, 60,
+        lambda: (t := vera.get("/studies").text) and f'data-study="{study_uid}"' in t and t, 60,
         "the study on the studies page",
     )  # fmt: skip
     assert "mr_study" in page and "Ax T2" in page and "timeout" in page
