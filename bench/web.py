@@ -7,9 +7,11 @@ error. The rate is the same at every size, so the overview's plot (the last hour
 traffic to draw: what grows is the history. The dashboard's ASGI application (logged in as an
 operator, in this process, no network) then serves each page R times; the figure is the median
 server time per page. The reference, measured in the same run on the same backend, is the same
-pages over a ledger of 1,000 jobs: ``ratio`` = time with N jobs / time with 1,000 (1.0: the
-page does not slow down as the ledger grows; the goal is at most 2). On SQLite a third run
-drops the indexes added for the dashboard (ledger schemas 2 and 3) to show what they are for.
+pages over a ledger of 1,000 jobs, their requests alternating with those to the large one (so
+that load from elsewhere on the machine hits both alike): ``ratio`` = time with N jobs / time
+with 1,000 (1.0: the page does not slow down as the ledger grows; the goal is at most 2). On
+SQLite a third run drops the indexes added for the dashboard (ledger schemas 2 and 3) to show
+what they are for.
 
 PostgreSQL is Debian's server, started for the run on a free loopback port (as the tests do,
 ``mercure.testing_postgres``); without it (or psycopg) only SQLite is measured.
@@ -119,10 +121,8 @@ def fill(db: Any, jobs: int, seed: int = 7) -> dict[str, str]:
     return samples
 
 
-def measure(
-    base: Path, jobs: int, repeat: int, *, database: str = "", drop_indexes: bool = False
-) -> dict[str, float]:
-    import httpx
+def prepare(base: Path, jobs: int, *, database: str = "", drop_indexes: bool = False) -> Any:
+    """A dashboard application over a ledger of ``jobs`` jobs, and the sample values."""
     from mercure.config import validate_config
     from mercure.ledger import LedgerSettings
     from mercure.ledger.schema import migrate
@@ -152,39 +152,59 @@ def measure(
     users = base / "users.json"
     UsersFile(users).set_password("bench", "bench-password-1", "operator")
     settings = WebSettings(users_file=str(users), secure_cookies=False)
-    app = create_app(build_runtime(config, pm, fsync=False), settings)
+    return create_app(build_runtime(config, pm, fsync=False), settings), samples
 
-    async def run() -> dict[str, float]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-            page = await c.get("/login")
-            token = page.text.split('name="csrf" value="')[1].split('"')[0]
-            await c.post("/login", data={"csrf": token, "username": "bench",
-                                         "password": "bench-password-1"})  # fmt: skip
-            paths = dict(PAGES)
-            cursor_page = "/queue"
-            for _ in range(14):
-                html = (await c.get(cursor_page)).text
-                cursor_page = html.split('id="next-page" href="')[1].split('"')[0]
-                cursor_page = cursor_page.replace("&amp;", "&")
-            paths["queue page 15"] = cursor_page
-            paths["find accession"] = f"/find?accession={samples['accession']}"
-            paths["find patient"] = f"/find?patient_id={samples['patient']}"
-            paths["job"] = f"/jobs/{samples['task']}"
-            times: dict[str, float] = {}
-            for name, path in paths.items():
-                assert path is not None
-                answer = await c.get(path)
-                if answer.status_code != 200:
-                    raise SystemExit(f"{path}: HTTP {answer.status_code}")
-                spent = []
-                for _ in range(repeat):
-                    start = time.perf_counter()
-                    answer = await c.get(path)
-                    spent.append(time.perf_counter() - start)
-                    assert answer.status_code == 200
-                times[name] = statistics.median(spent) * 1000
-            return times
+
+async def _client(app: Any, samples: dict[str, str]) -> tuple[Any, dict[str, str]]:
+    """A logged-in client of ``app`` and the path of each page."""
+    import httpx
+
+    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
+    page = await c.get("/login")
+    token = page.text.split('name="csrf" value="')[1].split('"')[0]
+    await c.post("/login", data={"csrf": token, "username": "bench",
+                                 "password": "bench-password-1"})  # fmt: skip
+    paths = dict(PAGES)
+    cursor_page = "/queue"
+    for _ in range(14):
+        html = (await c.get(cursor_page)).text
+        cursor_page = html.split('id="next-page" href="')[1].split('"')[0]
+        cursor_page = cursor_page.replace("&amp;", "&")
+    paths["queue page 15"] = cursor_page
+    paths["find accession"] = f"/find?accession={samples['accession']}"
+    paths["find patient"] = f"/find?patient_id={samples['patient']}"
+    paths["job"] = f"/jobs/{samples['task']}"
+    return c, {k: v for k, v in paths.items() if v is not None}
+
+
+def measure(prepared: list[Any], repeat: int) -> list[dict[str, float]]:
+    """Median server time (ms) of each page of each application. The applications' requests
+    alternate (in turn, the order switching every round), so that a burst of load on a shared
+    machine falls on all of them alike and the ratios stay fair."""
+
+    async def run() -> list[dict[str, float]]:
+        clients = [await _client(app, samples) for app, samples in prepared]
+        try:
+            spent: list[dict[str, list[float]]] = [{} for _ in clients]
+            for name in clients[0][1]:
+                for c, paths in clients:
+                    answer = await c.get(paths[name])  # warm up
+                    if answer.status_code != 200:
+                        raise SystemExit(f"{paths[name]}: HTTP {answer.status_code}")
+                for r in range(repeat):
+                    order = list(range(len(clients)))
+                    if r % 2:
+                        order.reverse()
+                    for i in order:
+                        c, paths = clients[i]
+                        start = time.perf_counter()
+                        answer = await c.get(paths[name])
+                        spent[i].setdefault(name, []).append(time.perf_counter() - start)
+                        assert answer.status_code == 200
+            return [{k: statistics.median(v) * 1000 for k, v in one.items()} for one in spent]
+        finally:
+            for c, _ in clients:
+                await c.aclose()
 
     return asyncio.run(run())
 
@@ -225,10 +245,11 @@ def main() -> None:
     met = True
     with workdir("web") as base:
         if args.backend in ("sqlite", "both"):
-            reference = measure(base / "small", 1000, args.repeat)
-            large = measure(base / "large", args.jobs, args.repeat)
-            unindexed = measure(base / "unindexed", args.jobs, max(3, args.repeat // 5),
-                                drop_indexes=True)  # fmt: skip
+            reference, large = measure(
+                [prepare(base / "small", 1000), prepare(base / "large", args.jobs)], args.repeat
+            )
+            [unindexed] = measure([prepare(base / "unindexed", args.jobs, drop_indexes=True)],
+                                  max(3, args.repeat // 5))  # fmt: skip
             ratios = table("SQLite", reference, large, args.jobs, args.repeat, unindexed)
             met = met and all(r <= 2 for r in ratios.values())
             figures["sqlite"] = {
@@ -240,10 +261,9 @@ def main() -> None:
         server = postgres() if args.backend in ("postgresql", "both") else None
         if server is not None:
             try:
-                reference = measure(base / "pg-small", 1000, args.repeat,
-                                    database=server.create_database())  # fmt: skip
-                large = measure(base / "pg-large", args.jobs, args.repeat,
-                                database=server.create_database())  # fmt: skip
+                small = prepare(base / "pg-small", 1000, database=server.create_database())
+                big = prepare(base / "pg-large", args.jobs, database=server.create_database())
+                reference, large = measure([small, big], args.repeat)
             finally:
                 server.remove()
             ratios = table("PostgreSQL", reference, large, args.jobs, args.repeat)
