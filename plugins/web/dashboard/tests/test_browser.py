@@ -96,7 +96,7 @@ class Pages:
         self.page = page
         self.env = env
         self.folder = folder
-        self.count = 0
+        self.count = len(list(folder.glob("*.png")))  # numbered on from the tests before
 
     def shot(self, name: str) -> Path:
         self.count += 1
