@@ -248,6 +248,43 @@ def test_force_complete_marker_and_command(
     assert "forced" in (released.collection.released or "") if released.collection else False
 
 
+def test_force_complete_operation_records_the_operator(
+    tmp_path: Path, plugin_manager: PluginManager, recorder: Recorder
+) -> None:
+    """The function behind ``mercure study complete`` and the dashboard's button."""
+    from mercure.operations import OperationError, force_complete_study, study_store
+
+    rules = {"s": study_rule(study_trigger_condition="received_series",
+                             study_trigger_series="'never sent'")}  # fmt: skip
+    rt = runtime(tmp_path, plugin_manager, rules)
+    router = Router(rt)
+    receive(rt, "T1")
+    router.run_once()
+    [listed] = study_store(rt).open_studies()
+    assert (listed.study_uid, listed.rule, listed.series, listed.instances) == (
+        STUDY,
+        "s",
+        ("T1",),
+        2,
+    )
+    assert listed.trigger == "received_series" and not listed.force_requested
+    with pytest.raises(OperationError, match="no study 'nope'"):
+        force_complete_study(rt, "nope", operator="olga")
+    with pytest.raises(OperationError, match="of rule other"):
+        force_complete_study(rt, STUDY, rule="other", operator="olga")
+    assert router.run_once() == 0  # nothing was forced by the refusals
+    [outcome] = force_complete_study(rt, STUDY, rule="s", operator="olga", by="web")
+    assert outcome.task_id == listed.task_id and "completion requested" in outcome.message
+    assert study_store(rt).open_studies()[0].force_requested
+    [forced] = recorder.of(TaskEventType.STUDY_FORCE_REQUESTED)
+    assert forced.task_id == listed.task_id and forced.series_uid == STUDY
+    assert forced.extra == {"operator": "olga", "by": "web"}
+    assert router.run_once() == 1
+    [(_, released)] = jobs_in(rt, "outgoing")
+    assert released.id == listed.task_id and study_of(released).complete_force is True
+    assert study_store(rt).open_studies() == []
+
+
 def test_notification_study_is_complete_at_once(
     tmp_path: Path, plugin_manager: PluginManager, recorder: Recorder
 ) -> None:

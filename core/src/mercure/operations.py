@@ -5,6 +5,9 @@ time, changes the spool atomically and then records an event with the operator's
 (``extra["operator"]``) and where it came from (``extra["by"]``: ``cli``, ``web``), so the
 ledger's history says who retried, discarded, suspended or resumed what. A refused action
 raises :class:`OperationError` with a message for the operator and changes nothing.
+
+Forcing a study asks the router to release a study still being collected (mercure's
+``.force-complete`` marker); the router releases it on its next pass, under its own claim.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from mercure.controls import CONTROLLED, Controlled, halt_file, resume, suspend
 from mercure.events import TaskEvent, TaskEventType
 from mercure.jobs.incoming import instance_files
 from mercure.jobs.store import JobRef, JobStore
+from mercure.jobs.studies import OpenStudy, StudyStore
 from mercure.jobs.task import Task
 from mercure.processing.folders import processes_of, reset_for_retry
 from mercure.processing.job import FAIL_STAGE
@@ -181,6 +185,65 @@ def resume_service(runtime: Runtime, what: str, *, operator: str, by: str = "cli
     return Outcome(f"{name} resumed")
 
 
+def study_store(runtime: Runtime) -> StudyStore:
+    """The ``studies/`` folder of ``runtime``'s spool."""
+    return StudyStore(runtime.config.folder("studies"), runtime.store, fsync=runtime.fsync)
+
+
+def force_complete_study(
+    runtime: Runtime,
+    study: str,
+    *,
+    rule: str | None = None,
+    operator: str,
+    by: str = "cli",
+) -> list[Outcome]:
+    """Ask the router to release the study ``study`` (StudyInstanceUID or study job id) now,
+    with the series that arrived (mercure's ``.force-complete``); one outcome per study rule
+    collecting it (``rule``: only that rule's). Recorded as ``study_force`` with the operator.
+    """
+    store = study_store(runtime)
+    found = [
+        s
+        for s in store.open_studies()
+        if study in (s.study_uid, s.task_id) and (rule is None or s.rule == rule)
+    ]
+    if not found:
+        raise OperationError(
+            f"no study '{study}'{f' of rule {rule}' if rule else ''} is being collected; "
+            "`mercure study list` shows those that are (a released study is a job: "
+            "`mercure queue`)"
+        )
+    outcomes = []
+    for open_study in found:
+        try:
+            store.request_force(open_study.ref)
+        except FileNotFoundError:
+            raise OperationError(
+                f"study {open_study.study_uid} (rule {open_study.rule}) was released meanwhile: "
+                f"it is job {open_study.task_id} now"
+            ) from None
+        runtime.emit(
+            TaskEvent(
+                TaskEventType.STUDY_FORCE_REQUESTED,
+                open_study.task_id,
+                open_study.study_uid,
+                info=f"completion forced by {operator}",
+                rule=open_study.rule,
+                extra={"operator": operator, "by": by},
+            )
+        )
+        outcomes.append(
+            Outcome(
+                f"study {open_study.study_uid} (job {open_study.task_id}, rule "
+                f"{open_study.rule}): completion requested; the router releases it on its next "
+                "pass",
+                open_study.task_id,
+            )
+        )
+    return outcomes
+
+
 def failed_in_processing(ref: JobRef, task: Task) -> bool:
     """A job in error/ whose processing failed (its inputs are kept to run it again)."""
     try:
@@ -222,12 +285,15 @@ def retry_processing(store: JobStore, ref: JobRef, task: Task) -> int:
 
 
 __all__ = [
+    "OpenStudy",
     "OperationError",
     "Outcome",
     "discard_job",
     "failed_in_processing",
+    "force_complete_study",
     "resume_service",
     "retry_job",
     "retry_processing",
+    "study_store",
     "suspend_service",
 ]

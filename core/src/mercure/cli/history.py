@@ -79,6 +79,9 @@ def _event_lines(e: dict[str, Any]) -> list[tuple[float, str]]:
     elif kind == "retry":
         who = f" by {x['operator']}" if x.get("operator") else ""
         lines.append((t, f"retry     manual retry{who}" + (f": {info}" if info else "")))
+    elif kind == "study_force":
+        who = f" by {x['operator']}" if x.get("operator") else ""
+        lines.append((t, f"study     completion forced{who}"))
     elif kind in ("notification_sent", "notification_given_up"):
         outcome = "sent" if kind == "notification_sent" else "given up"
         lines.append((t, f"notice    rule {rule} via {target}: {outcome} ({info})"))

@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 
 from mercure.cli.context import ConfigOption, die, load
-from mercure.events import TaskEvent, TaskEventType
+from mercure.controls import current_user
 from mercure.jobs.store import JobStore
-from mercure.jobs.studies import StudyRef, StudyStore, ensure_collection
-from mercure.jobs.task import Task, TaskStudy, read_task
+from mercure.jobs.studies import StudyStore
+from mercure.operations import OperationError, force_complete_study
 from mercure.services.runtime import build_runtime
 
 app = typer.Typer(help="Studies being collected by study-level rules.", no_args_is_help=True)
@@ -26,13 +26,6 @@ def _store(loaded_config: object) -> StudyStore:
     return StudyStore(loaded_config.folder("studies"), jobs)
 
 
-def _task(ref: StudyRef) -> Task | None:
-    try:
-        return read_task(ref.path)
-    except (OSError, ValueError):
-        return None
-
-
 @app.command("list")
 def list_studies(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
@@ -40,42 +33,36 @@ def list_studies(
 ) -> None:
     """Studies in studies/: their rule, series received, and how long they have waited."""
     cfg = load(config).config
-    store = _store(cfg)
-    refs = store.entries()
+    studies = _store(cfg).open_studies()
     if not as_json:
-        typer.echo(f"studies: {len(refs)} being collected")
+        typer.echo(f"studies: {len(studies)} being collected")
     now = time.time()
-    for ref in refs:
-        task = _task(ref)
-        if task is None or not isinstance(task.study, TaskStudy):
-            problem = "task.json missing or unreadable"
-            typer.echo(json.dumps({"folder": ref.name, "error": problem})
-                       if as_json else f"  {ref.name}  ({problem})")  # fmt: skip
+    for study in studies:
+        if study.error:
+            typer.echo(json.dumps({"folder": study.ref.name, "error": study.error})
+                       if as_json else f"  {study.ref.name}  ({study.error})")  # fmt: skip
             continue
-        study = task.study
-        collection = ensure_collection(task)
-        assert collection is not None
         row = {
-            "id": task.id,
+            "id": study.task_id,
             "study_uid": study.study_uid,
-            "rule": collection.rule,
-            "trigger": study.complete_trigger,
-            "required": study.complete_required_series,
-            "series": study.received_series or [],
-            "instances": store.instance_count(ref),
-            "waiting_s": round(now - collection.created_at),
-            "quiet_s": round(now - collection.last_receive_at),
-            "force_requested": study.complete_force or store.force_requested(ref),
+            "rule": study.rule,
+            "trigger": study.trigger,
+            "required": study.required,
+            "series": list(study.series),
+            "instances": study.instances,
+            "waiting_s": round(now - study.created_at),
+            "quiet_s": round(now - study.last_receive_at),
+            "force_requested": study.force_requested,
         }
         if as_json:
             typer.echo(json.dumps(row))
             continue
         forced = "  force requested" if row["force_requested"] else ""
         typer.echo(
-            f"  {task.id}  study {study.study_uid}  rule {collection.rule}  "
-            f"{len(row['series'])} series / {row['instances']} inst  "
-            f"trigger {study.complete_trigger}"
-            + (f" {study.complete_required_series!r}" if row["required"] else "")
+            f"  {study.task_id}  study {study.study_uid}  rule {study.rule}  "
+            f"{len(study.series)} series / {study.instances} inst  "
+            f"trigger {study.trigger}"
+            + (f" {study.required!r}" if study.required else "")
             + f"  waiting {row['waiting_s']}s, last series {row['quiet_s']}s ago{forced}"
         )
 
@@ -89,38 +76,12 @@ def complete(
     """Force a study to complete now with the series that arrived (mercure's
     ``.force-complete``); the router releases it on its next pass."""
     loaded = load(config)
-    store = _store(loaded.config)
-    found = []
-    for ref in store.entries():
-        task = _task(ref)
-        if task is None or not isinstance(task.study, TaskStudy):
-            continue
-        collection = ensure_collection(task)
-        if study_uid not in (task.study.study_uid, task.id):
-            continue
-        if rule is not None and (collection is None or collection.rule != rule):
-            continue
-        found.append((ref, task))
-    if not found:
-        raise die(
-            f"no study '{study_uid}'{f' of rule {rule}' if rule else ''} is being collected; "
-            "`mercure study list` shows those that are (a released study is a job: "
-            "`mercure queue`)"
-        )
     runtime = build_runtime(loaded.config, loaded.plugins, fsync=True)
-    for ref, task in found:
-        store.request_force(ref)
-        runtime.emit(
-            TaskEvent(
-                TaskEventType.STUDY_FORCE_REQUESTED,
-                task.id,
-                task.info.uid,
-                info="completion forced from the command line",
-                rule=task.info.applied_rule or "",
-                extra={"by": "cli"},
-            )
+    try:
+        outcomes = force_complete_study(
+            runtime, study_uid, rule=rule, operator=current_user(), by="cli"
         )
-        typer.echo(
-            f"study {task.info.uid} (job {task.id}, rule {task.info.applied_rule}): completion "
-            "requested; the router releases it on its next pass"
-        )
+    except OperationError as exc:
+        raise die(str(exc)) from None
+    for outcome in outcomes:
+        typer.echo(outcome.message)

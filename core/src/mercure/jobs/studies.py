@@ -87,6 +87,28 @@ class SeriesPart:
     files: list[Path]
 
 
+@dataclass(frozen=True)
+class OpenStudy:
+    """A study being collected, as ``mercure study list`` and the dashboard show it.
+
+    ``error`` is set (and the rest left empty) when its task file cannot be read.
+    """
+
+    ref: StudyRef
+    task_id: str = ""
+    study_uid: str = ""
+    rule: str = ""
+    trigger: str = ""
+    required: str = ""
+    series: tuple[str, ...] = ()
+    instances: int = 0
+    created_at: float = 0.0
+    last_receive_at: float = 0.0
+    force_requested: bool = False
+    force_action: str = ""
+    error: str = ""
+
+
 class StudyStore:
     """The ``studies/`` folder: add series, list, claim and release studies."""
 
@@ -111,6 +133,45 @@ class StudyStore:
                 ),
                 key=lambda r: r.name,
             )
+
+    def open_studies(self) -> list[OpenStudy]:
+        """Every study being collected, read from its task file (no claim taken: a study
+        released meanwhile is simply gone at the next look). A folder without a task file
+        is left out: its first series is being added (or it is an orphan the router removes).
+        """
+        found = []
+        for ref in self.entries():
+            try:
+                task = read_task(ref.path)
+                collection = ensure_collection(task)
+                instances = self.instance_count(ref)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                if ref.path.is_dir():  # else released meanwhile
+                    found.append(OpenStudy(ref, error="task.json unreadable"))
+                continue
+            study = task.study
+            if collection is None or not isinstance(study, TaskStudy):
+                found.append(OpenStudy(ref, error="task.json has no study section"))
+                continue
+            found.append(
+                OpenStudy(
+                    ref,
+                    task_id=task.id,
+                    study_uid=study.study_uid,
+                    rule=collection.rule,
+                    trigger=study.complete_trigger or "timeout",
+                    required=study.complete_required_series or "",
+                    series=tuple(study.received_series or ()),
+                    instances=instances,
+                    created_at=collection.created_at,
+                    last_receive_at=collection.last_receive_at,
+                    force_requested=study.complete_force or self.force_requested(ref),
+                    force_action=study.complete_force_action or "ignore",
+                )
+            )
+        return found
 
     def find(self, study_uid: str) -> list[StudyRef]:
         """The studies being collected for ``study_uid`` (one per study rule)."""
@@ -265,6 +326,7 @@ def series_part(key: str, tags: dict[str, str], files: Iterable[Path]) -> Series
 __all__ = [
     "FORCE_COMPLETE",
     "TASKFILE",
+    "OpenStudy",
     "SeriesPart",
     "StudyBusy",
     "StudyRef",

@@ -228,7 +228,7 @@ class LedgerQueries:
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE task_id <> ? AND task_id IN ("
                 "SELECT task_id FROM jobs WHERE series_uid = ? AND created = ? "
                 "UNION SELECT task_id FROM jobs WHERE task_id = ? "
-                "UNION SELECT task_id FROM jobs WHERE parent_id = ?) "
+                "UNION SELECT task_id FROM jobs WHERE parent_id = ? AND parent_id <> '') "
                 "ORDER BY created, task_id",
                 [task_id, series_uid, job.get("created", -1), job.get("parent_id") or "-",
                  task_id],
@@ -261,7 +261,8 @@ class LedgerQueries:
         """The events of a job and of its child jobs, by job and time."""
         rows = self.db.query(
             "SELECT * FROM events WHERE task_id = ? OR task_id IN "
-            "(SELECT task_id FROM jobs WHERE parent_id = ?) ORDER BY task_id = ? DESC, seq",
+            "(SELECT task_id FROM jobs WHERE parent_id = ? AND parent_id <> '') "
+            "ORDER BY task_id = ? DESC, seq",
             [task_id, task_id, task_id],
         )
         return [_event(r) for r in rows]
@@ -283,7 +284,7 @@ class LedgerQueries:
         rows = self.db.query(
             "SELECT task_id, module, step, time, outcome, exit_code, duration, result, log "
             "FROM processing_runs WHERE task_id = ? OR task_id IN "
-            "(SELECT task_id FROM jobs WHERE parent_id = ?) ORDER BY time, id",
+            "(SELECT task_id FROM jobs WHERE parent_id = ? AND parent_id <> '') ORDER BY time, id",
             [task_id, task_id],
         )
         for row in rows:
@@ -346,6 +347,12 @@ class LedgerQueries:
             }
             for r in rows
         }
+
+    def state_counts(self) -> dict[str, int]:
+        """Jobs per state (schema 3 keeps them by trigger: no count over the jobs)."""
+        from mercure.ledger.schema import job_counts
+
+        return job_counts(self.db)
 
     def counts(self) -> dict[str, int]:
         """Rows per table: for ``mercure ledger status``."""

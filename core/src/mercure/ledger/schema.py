@@ -16,6 +16,11 @@ Tables (times are Unix seconds, JSON columns are text):
 * ``processing_runs``: each module run: exit code, duration, result.json, log.
 * ``notifications``: notifications sent or given up.
 * ``ledger_cursors``: how far each spool's queue has been written into this database.
+* ``job_counts`` (schema 3): jobs per state, kept by triggers on ``jobs`` so that counting
+  costs the same with a thousand jobs as with millions. On PostgreSQL each connection adds to
+  rows of its own (``shard``: its backend pid), so concurrent writers never wait on, or
+  deadlock over, a shared counter row; :func:`compact_job_counts` folds them. The count of a
+  state is the sum over its shards.
 """
 
 from __future__ import annotations
@@ -29,9 +34,37 @@ ADVISORY_LOCK = 0x6D657263  # "merc"
 
 @dataclass(frozen=True)
 class Migration:
+    """Statements for both backends, then those of the database's own backend (triggers)."""
+
     version: int
     description: str
     statements: tuple[str, ...]
+    sqlite: tuple[str, ...] = ()
+    postgresql: tuple[str, ...] = ()
+
+    def for_backend(self, backend: str) -> tuple[str, ...]:
+        return self.statements + (self.postgresql if backend == "postgresql" else self.sqlite)
+
+
+_PG_COUNT_FUNCTION = """CREATE FUNCTION mercure_job_counts() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+    own INTEGER := pg_backend_pid();
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.state IS NOT DISTINCT FROM NEW.state THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO job_counts (state, shard, n) VALUES (OLD.state, own, -1)
+            ON CONFLICT (state, shard) DO UPDATE SET n = job_counts.n - 1;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        INSERT INTO job_counts (state, shard, n) VALUES (NEW.state, own, 1)
+            ON CONFLICT (state, shard) DO UPDATE SET n = job_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END
+$body$"""
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -175,6 +208,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX events_kind ON events (kind, host, service, seq)",
         ),
     ),
+    Migration(
+        3,
+        "jobs per state kept by triggers; indexes for child jobs and targets' last results",
+        (
+            """CREATE TABLE job_counts (
+                state TEXT NOT NULL,
+                shard INTEGER NOT NULL DEFAULT 0,
+                n {bigint} NOT NULL DEFAULT 0,
+                PRIMARY KEY (state, shard)
+            )""",
+            # Most jobs have no parent: an index of the few that do answers "the children of
+            # a job" without the planner weighing the one value every other row shares.
+            "CREATE INDEX jobs_children ON jobs (parent_id) WHERE parent_id <> ''",
+            "CREATE INDEX attempts_target_ok ON dispatch_attempts (target, time) WHERE failed = 0",
+            "CREATE INDEX attempts_target_failed ON dispatch_attempts (target, time) "
+            "WHERE failed > 0",
+        ),
+        sqlite=(
+            """CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN
+                INSERT INTO job_counts (state, shard, n) VALUES (NEW.state, 0, 1)
+                    ON CONFLICT (state, shard) DO UPDATE SET n = n + 1;
+            END""",
+            """CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+            WHEN OLD.state IS NOT NEW.state BEGIN
+                INSERT INTO job_counts (state, shard, n) VALUES (NEW.state, 0, 1)
+                    ON CONFLICT (state, shard) DO UPDATE SET n = n + 1;
+                UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND shard = 0;
+            END""",
+            """CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+                UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND shard = 0;
+            END""",
+            "INSERT INTO job_counts (state, shard, n) SELECT state, 0, COUNT(*) FROM jobs "
+            "GROUP BY state",
+        ),
+        postgresql=(
+            _PG_COUNT_FUNCTION,
+            "CREATE TRIGGER jobs_count AFTER INSERT OR UPDATE OF state OR DELETE ON jobs "
+            "FOR EACH ROW EXECUTE FUNCTION mercure_job_counts()",
+            # After the trigger exists (its creation waits for, then blocks, writers of jobs):
+            # every job is counted once, by this or by the trigger.
+            "INSERT INTO job_counts (state, shard, n) SELECT state, 0, COUNT(*) FROM jobs "
+            "GROUP BY state",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -190,8 +267,9 @@ def current_version(db: Database) -> int:
     return int(db.scalar("SELECT MAX(version) FROM schema_migrations") or 0)
 
 
-def migrate(db: Database) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied."""
+def migrate(db: Database, upto: int = LATEST) -> list[int]:
+    """Apply the migrations this database lacks (up to version ``upto``: tests build older
+    schemas with it); returns the versions applied."""
     import time
 
     applied: list[int] = []
@@ -209,9 +287,9 @@ def migrate(db: Database) -> list[int]:
                 f"mercure-core knows ({LATEST}): upgrade mercure-core on this host"
             )
         for migration in MIGRATIONS:
-            if migration.version <= version:
+            if migration.version <= version or migration.version > upto:
                 continue
-            for statement in migration.statements:
+            for statement in migration.for_backend(db.backend):
                 db.execute(statement)
             db.execute(
                 "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
@@ -221,4 +299,39 @@ def migrate(db: Database) -> list[int]:
     return applied
 
 
-__all__ = ["LATEST", "MIGRATIONS", "Migration", "SchemaTooNew", "current_version", "migrate"]
+def job_counts(db: Database) -> dict[str, int]:
+    """Jobs per state: from ``job_counts`` (a handful of rows) when the schema has it, else
+    counted over ``jobs``."""
+    if current_version(db) >= 3:
+        rows = db.query("SELECT state, SUM(n) AS n FROM job_counts GROUP BY state")
+    else:
+        rows = db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+    return {str(r["state"]): int(r["n"] or 0) for r in rows if int(r["n"] or 0)}
+
+
+def compact_job_counts(db: Database) -> None:
+    """Fold the counters of every connection into one row per state (PostgreSQL's shards),
+    under a lock that waits for the writers' transactions and holds the next ones briefly."""
+    if current_version(db) < 3:
+        return
+    with db.transaction():
+        if db.backend == "postgresql":
+            db.execute("LOCK TABLE job_counts IN SHARE ROW EXCLUSIVE MODE")
+        rows = db.query("SELECT state, SUM(n) AS n FROM job_counts GROUP BY state")
+        db.execute("DELETE FROM job_counts")
+        db.executemany(
+            "INSERT INTO job_counts (state, shard, n) VALUES (?, 0, ?)",
+            [[r["state"], int(r["n"] or 0)] for r in rows if int(r["n"] or 0)],
+        )
+
+
+__all__ = [
+    "LATEST",
+    "MIGRATIONS",
+    "Migration",
+    "SchemaTooNew",
+    "compact_job_counts",
+    "current_version",
+    "job_counts",
+    "migrate",
+]

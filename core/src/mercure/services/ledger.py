@@ -19,7 +19,7 @@ from mercure.ledger import LedgerSettings
 from mercure.ledger.db import Database, LedgerUnavailable, parse_url
 from mercure.ledger.queue import EventQueue, Position
 from mercure.ledger.records import LedgerRecord
-from mercure.ledger.schema import migrate
+from mercure.ledger.schema import compact_job_counts, migrate
 from mercure.ledger.writer import apply_retention, stored_cursor, write_batch
 from mercure.logs import get_logger
 from mercure.monitors import Monitor, PermanentMonitorError
@@ -175,6 +175,8 @@ class LedgerService(Service):
             return
         self.next_retention = now + RETENTION_EVERY
         removed = apply_retention(db, self.settings.retention, now)
+        if db.backend == "postgresql":
+            compact_job_counts(db)  # one row per state again, whatever connections came and went
         if removed:
             self.log.info(
                 "old ledger history deleted", rows=removed, older_than_s=self.settings.retention

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dashboard_env import SCREENSHOTS, env  # noqa: F401 - env: the module's router
+from dashboard_env import SCREENSHOTS, env, ledger  # noqa: F401 - the fixtures
 
 
 def pytest_terminal_summary(

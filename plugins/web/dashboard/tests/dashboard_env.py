@@ -2,7 +2,8 @@
 
 The router runs in this process (every service, the ``web`` service among them) on free
 loopback ports, receives real DICOM (DCMTK ``storescu`` where the test says so, pynetdicom
-otherwise) and writes its ledger to SQLite under the test's folder. Its configuration
+otherwise) and writes its ledger to SQLite under the test's folder, or to a new database of
+the session's PostgreSQL server (``env`` runs each test module once per backend). Its configuration
 carries secrets (a ``${env:...}`` token and a plain password of a test service, a webhook
 URL with its token) so that tests can check that no page shows them.
 """
@@ -71,6 +72,11 @@ class Env:
     root: Path
     archive: Path
     pacs: Path
+    ledger: str = ""
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.ledger else "sqlite"
 
     @property
     def dicom_port(self) -> int:
@@ -107,7 +113,10 @@ def make_config(root: Path, *, web: dict[str, Any], pm: PluginManager, **extra: 
             "notification_trigger_error": False,
         },
         "to_pacs": {"rule": "tags.SeriesDescription == 'for pacs'", "target": "pacs"},
-    }
+        # A study rule that waits an hour: only forcing releases its studies in a test.
+        "mr_study": {"rule": "tags.Modality == 'MR'", "target": "archive",
+                     "action_trigger": "study"},
+    }  # fmt: skip
     return config_for(
         root,
         targets={
@@ -123,14 +132,17 @@ def make_config(root: Path, *, web: dict[str, Any], pm: PluginManager, **extra: 
                 "vault": {"api_token": f"${{env:{TOKEN_ENV}}}", "password": PASSWORD},
             }
         },
+        study_complete_trigger=3600,
+        study_forcecomplete_trigger=7200,
         _registry=pm.registry,
         **extra,
     )
 
 
 @contextlib.contextmanager
-def running(root: Path, **web: Any) -> Iterator[Env]:
-    """A router with the dashboard on a free port; users olga (operator), vera (viewer)."""
+def running(root: Path, ledger: str = "", **web: Any) -> Iterator[Env]:
+    """A router with the dashboard on a free port; users olga (operator), vera (viewer).
+    ``ledger``: the ledger_database (empty: SQLite in the spool)."""
     pm = manager()
     users_file = root / "users.json"
     users = UsersFile(users_file)
@@ -138,13 +150,13 @@ def running(root: Path, **web: Any) -> Iterator[Env]:
     users.set_password("vera", PASSWORDS["vera"], "viewer")
     port = free_port()
     settings = {"port": port, "users_file": str(users_file), **web}
-    config = make_config(root, web=settings, pm=pm)
+    config = make_config(root, web=settings, pm=pm, ledger_database=ledger)
     gen = start_router(config, pm)
     router = next(gen)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(url), 20, what="the dashboard answering")
-        yield Env(config, router, url, root, root / "archive", root / "pacs")
+        yield Env(config, router, url, root, root / "archive", root / "pacs", ledger)
     finally:
         gen.close()
 
@@ -156,15 +168,35 @@ def _up(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+BACKENDS = ("sqlite", "postgresql")
+
+
+def ledger_database(request: pytest.FixtureRequest, backend: str) -> str:
+    """``ledger_database`` for ``backend``: SQLite in the spool, or a new PostgreSQL database
+    of the session's server (skipped, saying why, without PostgreSQL or psycopg)."""
+    if backend == "sqlite":
+        return ""
+    server = request.getfixturevalue("postgres_server")
+    return str(server.create_database())
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """The module's router with the dashboard, once with each ledger backend."""
+    ledger = ledger_database(request, request.param)
     mp = pytest.MonkeyPatch()
     mp.setenv(TOKEN_ENV, TOKEN)
     try:
-        with running(tmp_path_factory.mktemp("dash")) as e:
+        with running(tmp_path_factory.mktemp(f"dash-{request.param}"), ledger) as e:
             yield e
     finally:
         mp.undo()
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger(request: pytest.FixtureRequest) -> str:
+    """A test's own ledger_database, once per backend."""
+    return ledger_database(request, request.param)
 
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')

@@ -179,8 +179,8 @@ def test_a_failing_page_says_so_without_a_trace(env: Env, monkeypatch: pytest.Mo
     assert "Traceback" not in answer.text and "exploded" not in answer.text
 
 
-def test_patient_data_only_for_allowed_roles(tmp_path: Path) -> None:
-    with running(tmp_path, patient_data_roles=["operator"]) as env:
+def test_patient_data_only_for_allowed_roles(tmp_path: Path, ledger: str) -> None:
+    with running(tmp_path, ledger, patient_data_roles=["operator"]) as env:
         files = make_series(tmp_path / "s", 2, PatientID="PID-SECRET-7",
                             PatientName="Doe^Jane", AccessionNumber="ACC-7")  # fmt: skip
         store_instances(files, env.dicom_port)

@@ -96,7 +96,7 @@ class Pages:
         self.page = page
         self.env = env
         self.folder = folder
-        self.count = 0
+        self.count = len(list(folder.glob("*.png")))  # numbered on from the tests before
 
     def shot(self, name: str) -> Path:
         self.count += 1
@@ -258,3 +258,68 @@ def _events(env: Env) -> list[dict[str, Any]]:
         return q.events(types=["retry", "suspend", "resume"], limit=100)
     finally:
         q.db.close()
+
+
+def test_force_a_study_in_a_real_browser(
+    browser: Any, live: Env, shots: Path, tmp_path: Path
+) -> None:
+    """A study rule that waits an hour; the series from storescu waits on the studies page
+    until an operator forces the study there; the study job is then routed and delivered."""
+    from pydicom.uid import generate_uid
+
+    env = live
+    tab = Pages(browser.new_page(), env, shots)
+    tab.page.goto(env.url + "/studies")
+    if "/login" not in tab.page.url:  # still logged in from the test before
+        tab.page.click("header form.logout button")
+        tab.page.wait_for_url(re.compile(r".*/login$"))
+        tab.page.goto(env.url + "/studies")
+    tab.page.fill("input[name=username]", "olga")
+    tab.page.fill("input[name=password]", PASSWORDS["olga"])
+    tab.page.click("button[type=submit]")
+    tab.page.wait_for_url(re.compile(r".*/studies$"))
+
+    study_uid = generate_uid()
+    files = send(env, tmp_path / "mr", 3, modality="MR", series_description="e2e Ax T2",
+                 study_uid=study_uid)  # fmt: skip
+    tab.reload_until("/studies", study_uid, 60, "the study on the studies page")
+    row = tab.page.locator(f"tr[data-study='{study_uid}']")
+    row.wait_for(timeout=10_000)
+    text = row.inner_text()
+    assert "mr_study" in text and "e2e Ax T2" in text and "(timeout)" in text
+    assert "then discard" in text  # the force-complete deadline and what happens then
+    tab.shot("studies")
+    assert env.jobs("outgoing") == [] and not _released(env, study_uid)
+
+    row.locator("a.force").click()
+    tab.page.wait_for_url(re.compile(r".*/actions/force\?study=.*"))
+    assert study_uid in tab.text("h1")
+    tab.shot("force-confirm")
+    tab.page.click("#confirm")
+    assert "completion requested" in tab.text("#outcome")
+    tab.shot("force-done")
+
+    released = wait_until(lambda: _released(env, study_uid), 60, "the study released")
+    task_id = released["task_id"]
+    wait_until(lambda: task_id in env.jobs("success"), 60, "the study job delivered")
+    delivered = {p.name for p in env.archive.rglob("*.dcm")}
+    assert {f.name for f in files} <= delivered
+    tab.reload_until(f"/jobs/{task_id}", "delivered archive: 3 instance(s)", 30,
+                     "the study job's delivery in its history")  # fmt: skip
+    tab.shot("study-job-delivered")
+    history = tab.text("#history")
+    assert "completion forced by olga" in history
+    assert "delivered archive: 3 instance(s)" in history
+    tab.go("/studies", "studies-after")
+    assert study_uid not in tab.text()
+
+
+def _released(env: Env, study_uid: str) -> dict[str, Any] | None:
+    from mercure.ledger import open_queries
+
+    q = open_queries(env.config)
+    try:
+        events = q.events(types=["study_release"], limit=100)
+    finally:
+        q.db.close()
+    return next((e for e in events if e["series_uid"] == study_uid), None)

@@ -221,7 +221,7 @@ def _ago(t: float | None) -> str:
 
 def create_app(runtime: Runtime, settings: WebSettings, source: str = "") -> ASGIApp:
     """The dashboard for ``runtime``'s router, wrapped so no response carries a secret."""
-    from mercure_web_dashboard import views_admin, views_jobs
+    from mercure_web_dashboard import views_admin, views_jobs, views_studies
 
     dash = Dashboard(runtime, settings, source)
 
@@ -279,6 +279,7 @@ def create_app(runtime: Runtime, settings: WebSettings, source: str = "") -> ASG
         Route("/queue", views_jobs.queue, methods=["GET"]),
         Route("/jobs/{task_id}", views_jobs.job, methods=["GET"]),
         Route("/find", views_jobs.find, methods=["GET"]),
+        Route("/studies", views_studies.studies, methods=["GET"]),
         Route("/rules", views_admin.rules, methods=["GET"]),
         Route("/rules/test", views_admin.rules_test, methods=["POST"]),
         Route("/rules/replay", views_admin.rules_replay, methods=["POST"]),

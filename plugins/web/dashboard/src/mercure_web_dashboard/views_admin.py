@@ -2,8 +2,9 @@
 masked configuration) and the operator actions, each behind a confirmation page.
 
 The actions call :mod:`mercure.operations`, the functions behind ``mercure job retry``,
-``mercure job discard``, ``mercure suspend`` and ``mercure resume``, with the logged-in user
-as the operator, so the ledger records who did what and from where (``by: web``).
+``mercure job discard``, ``mercure study complete``, ``mercure suspend`` and
+``mercure resume``, with the logged-in user as the operator, so the ledger records who did
+what and from where (``by: web``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mercure.ledger.replay import replay
 from mercure.operations import (
     OperationError,
     discard_job,
+    force_complete_study,
     resume_service,
     retry_job,
     suspend_service,
@@ -273,6 +275,7 @@ ACTIONS = {
     "discard": "Discard job",
     "suspend": "Suspend",
     "resume": "Resume",
+    "force": "Force complete study",
 }
 
 
@@ -284,6 +287,11 @@ def _action_subject(action: str, params: Any) -> dict[str, str]:
         if not task:
             raise Refused("say which job: the form lacks the job id", 400)
         return {"task": task}
+    if action == "force":
+        study = str(params.get("study") or "").strip()
+        if not study:
+            raise Refused("say which study: the form lacks the Study Instance UID", 400)
+        return {"study": study, "rule": str(params.get("rule") or "").strip()}
     what = str(params.get("what") or "").strip()
     if what not in CONTROLLED:
         raise Refused(f"cannot {action} '{what}'; choose {' or '.join(CONTROLLED)}", 400)
@@ -311,6 +319,11 @@ async def act(request: Request) -> Response:
     user = session.user
 
     def run() -> str:
+        if action == "force":
+            outcomes = force_complete_study(
+                runtime, subject["study"], rule=subject["rule"] or None, operator=user, by="web"
+            )
+            return " ".join(o.message for o in outcomes)
         if action == "retry":
             return retry_job(runtime, subject["task"], operator=user, by="web").message
         if action == "discard":
@@ -328,7 +341,13 @@ async def act(request: Request) -> Response:
         failed = False
     except OperationError as exc:
         message, failed = str(exc), True
-    back = f"/jobs/{subject['task']}" if "task" in subject else "/queue"
+    back = (
+        f"/jobs/{subject['task']}"
+        if "task" in subject
+        else "/studies"
+        if "study" in subject
+        else "/queue"
+    )
     return dash.render(
         request,
         "done.html",

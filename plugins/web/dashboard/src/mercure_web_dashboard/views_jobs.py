@@ -212,7 +212,7 @@ def _spool_view(dash: Any, task_id: str) -> dict[str, Any] | None:
     be done with it): state, current task file, instances, processing record."""
     ref = dash.runtime.store.find(task_id)
     if ref is None or ref.id != task_id:
-        return None
+        return _collecting_view(dash, task_id)
     view: dict[str, Any] = {"state": ref.state}
     try:
         view["task"] = json.loads((ref.path / "task.json").read_text())
@@ -226,6 +226,16 @@ def _spool_view(dash: Any, task_id: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         view["processing"] = f"processing record unreadable: {exc}"
     return view
+
+
+def _collecting_view(dash: Any, task_id: str) -> dict[str, Any] | None:
+    """A study job still being collected in ``studies/`` (not yet in a state folder)."""
+    from mercure.operations import study_store
+
+    for study in study_store(dash.runtime).open_studies():
+        if study.task_id == task_id:
+            return {"state": "studies", "instances": study.instances, "study": study}
+    return None
 
 
 def _masked_history(history: JobHistory, phi: bool) -> JobHistory:
