@@ -7,20 +7,19 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import pytest
 from mercure import hookimpl
 from mercure.config import Config
-from mercure.events import TaskEvent, TaskEventType
+from mercure.events import TaskEventType
 from mercure.jobs.incoming import PLAN_FILE, TAGS_FILE, instance_files
 from mercure.jobs.store import STATES, JobRef
 from mercure.jobs.task import Task, TaskProcessing, read_task
-from mercure.notifiers import Notification, Notifier
 from mercure.plugins import PluginManager
 from mercure.registry import RegisterFn
 from mercure.services.router import DONE_PREFIX, Router, evaluate_rules, plan_jobs
 from mercure.services.runtime import Runtime, build_runtime
 from mercure.targets import DeliveryJob, DeliveryResult, Target, TargetConfig
 from mercure.testing import config_for, make_series
+from task_recorder import Recorder
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 CT_TAGS = {
@@ -33,42 +32,6 @@ CT_TAGS = {
     "PatientID": "MRN42",
     "AccessionNumber": "ACC42",
 }
-
-
-class Recorder:
-    """Records task events (an observer) and provides a notifier type the rules can queue for."""
-
-    def __init__(self) -> None:
-        self.events: list[TaskEvent] = []
-
-        class RecordingNotifier(Notifier[Any]):
-            def send(self, notification: Notification) -> str:
-                return "recorded"
-
-        self.notifier = RecordingNotifier
-
-    @hookimpl
-    def on_task_event(self, event: TaskEvent) -> None:
-        self.events.append(event)
-
-    @hookimpl
-    def register_notifiers(self, register: RegisterFn) -> None:
-        register("recording", None, self.notifier)
-
-    @staticmethod
-    def notified(rt: Runtime, event: str) -> list[str]:
-        """Rules whose ``event`` notification the router queued in the outbox."""
-        entries = [json.loads(p.read_text()) for p in rt.outbox.due(now=float("inf"))]
-        return [
-            e["notification"]["rule_name"] for e in entries if e["notification"]["event"] == event
-        ]
-
-
-@pytest.fixture
-def recorder(plugin_manager: PluginManager, register_plugin: Any) -> Recorder:
-    rec = Recorder()
-    register_plugin(rec, "recorder")
-    return rec
 
 
 def make_config(

@@ -12,52 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mercure import hookimpl
 from mercure.config import Config
-from mercure.events import TaskEvent, TaskEventType
+from mercure.events import TaskEventType
 from mercure.jobs import studies as study_jobs
 from mercure.jobs.incoming import instance_files
 from mercure.jobs.store import STATES
 from mercure.jobs.studies import FORCE_COMPLETE, StudyStore, collection_name
 from mercure.jobs.task import Task, TaskStudy, read_task
-from mercure.notifiers import Notification, Notifier
 from mercure.plugins import PluginManager
-from mercure.registry import RegisterFn
 from mercure.services.router import Router
 from mercure.services.runtime import Runtime, build_runtime
 from mercure.testing import config_for
+from task_recorder import Recorder
 
 STUDY = "1.2.826.0.1.3680043.8.498.100"
 HOUR = 3600.0
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[TaskEvent] = []
-
-        class RecordingNotifier(Notifier[Any]):
-            def send(self, notification: Notification) -> str:
-                return "recorded"
-
-        self.notifier = RecordingNotifier
-
-    @hookimpl
-    def on_task_event(self, event: TaskEvent) -> None:
-        self.events.append(event)
-
-    @hookimpl
-    def register_notifiers(self, register: RegisterFn) -> None:
-        register("recording", None, self.notifier)
-
-    def of(self, kind: TaskEventType) -> list[TaskEvent]:
-        return [e for e in self.events if e.type == kind]
-
-
-@pytest.fixture
-def recorder(plugin_manager: PluginManager, register_plugin: Any) -> Recorder:
-    rec = Recorder()
-    register_plugin(rec, "recorder")
-    return rec
 
 
 def study_rule(**fields: Any) -> dict[str, Any]:

@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
+from mercure import instances
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -53,29 +52,12 @@ class SendOutcome:
 
 def read_instance(path: Path) -> Instance:
     """Read a file's meta information; ``ValueError`` says why the file cannot be sent."""
-    try:
-        meta = read_file_meta_info(path)
-    except (InvalidDicomError, OSError, EOFError) as exc:
-        raise ValueError(f"cannot read {path.name} as a DICOM file: {exc}") from exc
-    except Exception as exc:  # a damaged header must fail this file, not the whole job
-        raise ValueError(
-            f"cannot read the file meta information of {path.name}: {exc.__class__.__name__}: {exc}"
-        ) from exc
-    missing = [
-        kw
-        for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
-        if not meta.get(kw)
-    ]
-    if missing:
-        raise ValueError(
-            f"{path.name} has no {', '.join(missing)} in its file meta information; it is not a "
-            "DICOM Part 10 file that can be sent"
-        )
+    info = instances.read_instance(path)
     return Instance(
         path,
-        UID(str(meta.MediaStorageSOPClassUID)),
-        UID(str(meta.MediaStorageSOPInstanceUID)),
-        UID(str(meta.TransferSyntaxUID)),
+        UID(info.sop_class_uid),
+        UID(info.sop_instance_uid),
+        UID(info.transfer_syntax_uid),
     )
 
 
