@@ -58,7 +58,7 @@ def tls_failure(exc: BaseException) -> tuple[str, str]:
 
 
 class _Server(Protocol):
-    def hand_over(self, sock: socket.socket, peer: Any) -> None: ...
+    def hand_over(self, sock: socket.socket, peer: Any, request: bytes | None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -79,6 +79,8 @@ class _Connection:
     assoc: Any = None
     idle_since: float | None = None
     cut_off: bool = False
+    #: The whole A-ASSOCIATE-RQ, when it was peeked (plain connections), for the acceptor.
+    request: bytes | None = None
 
 
 def _available(sock: socket.socket) -> int:
@@ -336,6 +338,7 @@ class Gate:
             self._abort(conn, exc)
             return
         conn.calling_ae = request.calling_ae
+        conn.request = bytes(data)
         conn.listed = self._settings.sender_listed(conn.address, request.calling_ae)
         with self._lock:
             reason = self._claim_slot(conn)
@@ -404,7 +407,7 @@ class Gate:
             if conn.lowat > 1:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             conn.sock.setblocking(True)
-            self._server.hand_over(conn.sock, conn.peer)
+            self._server.hand_over(conn.sock, conn.peer, conn.request)
         except Exception as exc:  # e.g. no thread can be started
             log.error(
                 "cannot start an association for a connection; closed it",

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mercure.builtin.dicom_admission import Admission, AdmissionSettings, Receiv
 from mercure.builtin.dicom_gate import tls_failure
 from mercure.builtin.dicom_negotiation import NegotiationSettings
 from mercure.builtin.dicom_server import configure_ae, serve
+from mercure.builtin.dicom_store_scp import LeanStoreAcceptor, lean_enabled
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
@@ -147,6 +149,19 @@ def _tls_handshake(sock: ssl.SSLSocket, address: str) -> None:
         log.info("DICOM TLS connection", address=address, client_cert=subject)
 
 
+@dataclass(frozen=True)
+class Requestor:
+    """Who sent an instance: the peer's address, its AE title and the AE title it called."""
+
+    address: str
+    ae_title: str
+    called_ae: str
+
+    @property
+    def sender(self) -> str:
+        return f"{self.ae_title}@{self.address}"
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -203,15 +218,14 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         self.stats = ReceiverStats()
         self.admission = Admission(AdmissionSettings.from_config(self.settings), self.stats)
         #: Storage of any SOP class in the sender's own syntax (see ``dicom_negotiation``).
-        self.acceptance = Acceptance(
-            NegotiationSettings(
-                accept_compressed_images=self.config.accept_compressed_images,
-                services={
-                    Verification: tuple(UNCOMPRESSED),
-                    mpps.MPPS_SOP_CLASS: tuple(UNCOMPRESSED),
-                },
-            )
+        self.negotiation = NegotiationSettings(
+            accept_compressed_images=self.config.accept_compressed_images,
+            services={
+                Verification: tuple(UNCOMPRESSED),
+                mpps.MPPS_SOP_CLASS: tuple(UNCOMPRESSED),
+            },
         )
+        self.acceptance = Acceptance(self.negotiation)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,7 +257,14 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
     def _serve(
         self, ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None = None
     ) -> ThreadedAssociationServer:
-        """Start a server behind the admission gate; with ``reuse_port``, one sharing the port."""
+        """Start a server behind the admission gate; with ``reuse_port``, one sharing the port.
+
+        Plain storage associations go to the lean acceptor (``dicom_store_scp``) unless
+        ``MERCURE_LEAN_SCP=0``; TLS and the other services to pynetdicom.
+        """
+        lean = None
+        if ssl_context is None and lean_enabled():
+            lean = LeanStoreAcceptor(self, self.negotiation, self.admission)
         return serve(
             ae,
             address,
@@ -251,6 +272,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             self.admission,
             reuse_port=self.reuse_port and ssl_context is None,
             ssl_context=ssl_context,
+            lean=lean,
         )
 
     def start(self) -> None:
@@ -292,8 +314,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
     # -- handlers ----------------------------------------------------------------------------
 
     def _allowed(self, event: Any) -> bool:
-        allowed = self.settings.allowed_addresses
-        return not allowed or event.assoc.requestor.address in allowed
+        return self.address_allowed(event.assoc.requestor.address)
 
     def handle_open(self, event: Any) -> None:
         sock = getattr(event.assoc.dul.socket, "socket", None)
@@ -310,27 +331,61 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
 
     def handle_store(self, event: Any) -> int | Dataset:
         requestor = event.assoc.requestor
-        sender = f"{requestor.ae_title}@{requestor.address}"
+        who = Requestor(
+            address=str(requestor.address),
+            ae_title=str(requestor.ae_title).strip(),
+            # The AE title the sender called (mercure's receiver AET), not our own title.
+            called_ae=str(
+                getattr(requestor.primitive, "called_ae_title", None)
+                or event.assoc.acceptor.ae_title
+            ).strip(),
+        )
         if not self._allowed(event):
-            log.warning("refused instance from an address not in allowed_addresses", sender=sender)
+            log.warning(
+                "refused instance from an address not in allowed_addresses", sender=who.sender
+            )
             return _status(STATUS_NOT_AUTHORIZED, "address not allowed")
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID or "")
-        transfer_syntax = UID(event.context.transfer_syntax)
+        meta = _MetaBuffer()
+        write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
         stream = request.DataSet.getbuffer()
         try:
-            return self._store(event, sop_uid, transfer_syntax, stream, sender)
+            return self.keep(
+                who,
+                sop_uid,
+                UID(event.context.transfer_syntax),
+                _PREAMBLE + meta.getvalue(),
+                stream,
+            )
         finally:
             del stream  # release the export so pynetdicom can reuse the buffer
 
-    def _store(
-        self, event: Any, sop_uid: str, transfer_syntax: UID, stream: memoryview, sender: str
+    def address_allowed(self, address: str) -> bool:
+        allowed = self.settings.allowed_addresses
+        return not allowed or address in allowed
+
+    def keep(
+        self,
+        who: Requestor,
+        sop_uid: str,
+        transfer_syntax: str,
+        header: bytes,
+        stream: memoryview,
+        written: Path | None = None,
     ) -> int | Dataset:
+        """Check one received instance and put it in the spool; the status to answer.
+
+        ``header`` is the preamble and file meta, ``stream`` the dataset as sent. With
+        ``written`` both are already in that temporary file (fdatasync-ed), which is placed
+        into the spool on success and left to the caller otherwise.
+        """
+        sender = who.sender
         if not is_valid_uid(sop_uid):
             log.warning("refused instance: invalid SOP Instance UID", sender=sender, uid=sop_uid)
             return _status(STATUS_CANNOT_UNDERSTAND, "invalid SOP Instance UID")
         try:
-            check_dataset(stream, transfer_syntax)
+            check_dataset(stream, UID(transfer_syntax))
         except TruncatedDatasetError as exc:
             log.warning(
                 "refused instance: malformed or truncated dataset",
@@ -339,11 +394,11 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
                 reason=str(exc),
             )
             return _status(STATUS_CANNOT_UNDERSTAND, f"malformed or truncated dataset: {exc}")
-        meta = _MetaBuffer()
-        write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
-        header = _PREAMBLE + meta.getvalue()
         try:
-            tags = read_tags(header + bytes(stream), self.extra_tags)
+            if written is None:
+                tags = read_tags(header + bytes(stream), self.extra_tags)
+            else:
+                tags = read_tags(str(written), self.extra_tags)
         except Exception as exc:
             log.warning(
                 "refused instance: not a readable DICOM dataset",
@@ -364,19 +419,17 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
                 series_uid=series_uid,
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "invalid SeriesInstanceUID")
-        requestor = event.assoc.requestor
         tags = with_receiver_tags(
             tags,
-            sender_address=str(requestor.address),
-            sender_aet=str(requestor.ae_title).strip(),
-            # The AE title the sender called (mercure's receiver AET), not our own title.
-            receiver_aet=str(
-                getattr(requestor.primitive, "called_ae_title", None)
-                or event.assoc.acceptor.ae_title
-            ).strip(),
+            sender_address=who.address,
+            sender_aet=who.ae_title,
+            receiver_aet=who.called_ae,
         )
         try:
-            self.spool.store(series_uid, sop_uid, [header, stream], tags)
+            if written is None:
+                self.spool.store(series_uid, sop_uid, [header, stream], tags)
+            else:
+                self.spool.place(series_uid, sop_uid, written, tags)
         except OSError as exc:
             log.error(
                 "cannot store instance; answered 'out of resources' so the sender retries",

@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -34,6 +34,9 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from mercure.builtin.dicom_admission import Admission, AdmissionSettings
 from mercure.builtin.dicom_gate import Gate
 from mercure.builtin.dicom_pdu import MAX_ASSOCIATE_RQ
+
+if TYPE_CHECKING:
+    from mercure.builtin.dicom_store_scp import LeanStoreAcceptor
 
 #: pynetdicom's own association limit, left far above the gate's so that it never decides.
 _BACKSTOP_FACTOR = 4
@@ -101,8 +104,20 @@ class GuardedServer(ThreadedAssociationServer):
         """Accepted: to the gate, which hands it over when it asked for an association."""
         self.gate.submit(request, client_address)
 
-    def hand_over(self, sock: socket.socket, peer: Any) -> None:
-        """Start pynetdicom's association for a connection the gate admitted."""
+    #: Serves the storage-only associations when set (see ``dicom_store_scp``).
+    lean: LeanStoreAcceptor | None = None
+
+    def hand_over(self, sock: socket.socket, peer: Any, request: bytes | None = None) -> None:
+        """Start the association of a connection the gate admitted.
+
+        The lean acceptor takes it when the gate peeked its whole request and that proposes
+        only storage and verification; pynetdicom takes the others.
+        """
+        if request is not None and self.lean is not None:
+            decided = self.lean.takes(request)
+            if decided is not None:
+                self.lean.start(sock, str(peer[0]), request, decided)
+                return
         super().process_request(sock, peer)
 
     def service_actions(self) -> None:
@@ -117,6 +132,8 @@ class GuardedServer(ThreadedAssociationServer):
         # Made with make_server, so the AE does not list it among the servers it started.
         socketserver.TCPServer.shutdown(self)
         self.gate.stop()
+        if self.lean is not None:
+            self.lean.stop()
         self.server_close()
 
 
@@ -128,6 +145,7 @@ def serve(
     *,
     reuse_port: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    lean: LeanStoreAcceptor | None = None,
 ) -> GuardedServer:
     """Start a :class:`GuardedServer` in a background thread and return it."""
     install_guards()
@@ -140,6 +158,7 @@ def serve(
         reuse_port=reuse_port,
     )
     assert isinstance(server, GuardedServer)
+    server.lean = lean
     thread = threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True)
     thread.start()
     return server

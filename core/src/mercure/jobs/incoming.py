@@ -66,8 +66,7 @@ class IncomingSpool:
         Raises ``OSError`` (disk full, permissions) with nothing left behind; the caller answers
         the sender with a failure status so that it retries.
         """
-        tmp = self.tmp / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd, tmp = self.open_tmp()
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -81,6 +80,23 @@ class IncomingSpool:
                 os.unlink(tmp)
             raise
         os.close(fd)
+        return self.place(series_uid, sop_uid, tmp, tags)
+
+    def open_tmp(self) -> tuple[int, Path]:
+        """A new temporary file for an instance (its descriptor and path), to :meth:`place` later.
+
+        A receiver that streams a large instance writes it here as it arrives; a receiver that
+        dies meanwhile leaves only a temporary file, which :meth:`clean_tmp` removes.
+        """
+        tmp = self.tmp / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
+
+    def place(self, series_uid: str, sop_uid: str, tmp: Path, tags: Mapping[str, str]) -> Path:
+        """Move a complete temporary file (already ``fdatasync``-ed) into its series folder.
+
+        The rename and the folder are made durable before this returns; on ``OSError`` the
+        temporary file is removed.
+        """
         series_name = safe_component(series_uid)
         name = safe_component(sop_uid) + DCM_SUFFIX
         try:
