@@ -63,15 +63,20 @@ def make_ct_series(folder: Path, count: int, size: int = 512, series: int = 1) -
 
 
 class StoreSCP:
-    """DCMTK storescp writing into a folder; counts what arrived."""
+    """DCMTK storescp writing into a folder; counts what arrived.
 
-    def __init__(self, folder: Path) -> None:
+    storescp serves one association at a time; with ``parallel`` it forks a process per
+    association (``--fork``), so that parallel senders are not queued one behind the other.
+    """
+
+    def __init__(self, folder: Path, *, parallel: bool = False) -> None:
         self.folder = folder
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
                 str(DCMTK / "storescp"),
+                *(["--fork"] if parallel else []),
                 "-aet",
                 "STORESCP",
                 "-od",

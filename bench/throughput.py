@@ -111,7 +111,7 @@ def main() -> None:
             four = make_ct_series(base / f"four{i}", n // 4, series=4)
             fours.append([four[j * (n // 4) : (j + 1) * (n // 4)] for j in range(4)])
         size = ones[0][0].stat().st_size
-        scp = StoreSCP(base / "scp")
+        scp = StoreSCP(base / "scp", parallel=True)
         runs: dict[str, list[float]] = {}
         try:
             runs["direct"] = [send_and_wait(scp, [one], scp.port, n) for one in ones]
