@@ -33,6 +33,7 @@ from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
 from mercure.jobs.incoming import IncomingSpool
+from mercure.jobs.journal import ReceiveJournal, journal_enabled, recover_all
 from mercure.logs import get_logger
 from mercure.receivers import Receiver, ReceiverContext
 from mercure.registry import RegisterFn
@@ -253,6 +254,10 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
 
     #: Set by the supervisor when several receiver processes share the port.
     reuse_port = False
+    #: Whose receive journal this process writes (``incoming/.journal/<owner>``); the main
+    #: process recovers every journal at start, a worker process its own.
+    journal_owner = "main"
+    journal: ReceiveJournal | None = None
 
     def _serve(
         self, ae: AE, address: tuple[str, int], ssl_context: ssl.SSLContext | None = None
@@ -275,7 +280,16 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             lean=lean,
         )
 
+    def _open_journal(self) -> None:
+        """Recover what an unclean stop left in the journals, then journal from now on."""
+        if self.journal_owner == "main":
+            recover_all(self.spool)
+        if self.spool.fsync and journal_enabled():
+            self.journal = ReceiveJournal(self.spool, self.journal_owner)
+            self.journal.open()
+
     def start(self) -> None:
+        self._open_journal()
         dimse_tuning.install()
         ae = self._make_ae()
         address = (self.settings.bind_address, self.config.port)
@@ -310,6 +324,9 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         for server in self.servers:
             server.shutdown()
         self.servers.clear()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -426,7 +443,9 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             receiver_aet=who.called_ae,
         )
         try:
-            if written is None:
+            if written is None and self.journal is not None:
+                self.journal.store(series_uid, sop_uid, [header, stream], tags)
+            elif written is None:
                 self.spool.store(series_uid, sop_uid, [header, stream], tags)
             else:
                 self.spool.place(series_uid, sop_uid, written, tags)

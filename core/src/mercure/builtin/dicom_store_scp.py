@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,9 +256,33 @@ class _Reader:
     """Buffered reads from the socket: exact small reads, and streams of large values."""
 
     sock: socket.socket
+    idle_timeout: float
     buf: bytearray = field(default_factory=lambda: bytearray(READ_BUFFER))
     start: int = 0
     end: int = 0
+    #: When the PDU being read must have arrived (None between PDUs): a peer that stops, or
+    #: drips a byte now and then, inside a PDU is cut off then.
+    deadline: float | None = None
+
+    def _recv_into(self, target: memoryview) -> int:
+        if self.deadline is None:
+            self.sock.settimeout(self.idle_timeout)
+        else:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("the peer stopped in the middle of a PDU", "stalled")
+            self.sock.settimeout(remaining)
+        try:
+            n = self.sock.recv_into(target)
+        except TimeoutError as exc:
+            if self.deadline is not None:
+                raise ProtocolError("the peer stopped in the middle of a PDU", "stalled") from exc
+            raise PeerGone("no data within the network timeout") from exc
+        except OSError as exc:
+            raise PeerGone(str(exc)) from exc
+        if n == 0:
+            raise PeerGone("connection closed by the peer")
+        return n
 
     def _fill(self) -> None:
         if self.start == self.end:
@@ -266,15 +291,7 @@ class _Reader:
             self.buf[: self.end - self.start] = self.buf[self.start : self.end]
             self.end -= self.start
             self.start = 0
-        try:
-            n = self.sock.recv_into(memoryview(self.buf)[self.end :])
-        except TimeoutError as exc:
-            raise PeerGone("no data within the network timeout") from exc
-        except OSError as exc:
-            raise PeerGone(str(exc)) from exc
-        if n == 0:
-            raise PeerGone("connection closed by the peer")
-        self.end += n
+        self.end += self._recv_into(memoryview(self.buf)[self.end :])
 
     def exact(self, n: int) -> bytes:
         while self.end - self.start < n:
@@ -290,15 +307,7 @@ class _Reader:
         self.start += have
         pos = have
         while pos < len(target):
-            try:
-                n = self.sock.recv_into(target[pos:])
-            except TimeoutError as exc:
-                raise PeerGone("no data within the network timeout") from exc
-            except OSError as exc:
-                raise PeerGone(str(exc)) from exc
-            if n == 0:
-                raise PeerGone("connection closed by the peer")
-            pos += n
+            pos += self._recv_into(target[pos:])
 
     def stream(self, n: int, sink: Callable[[memoryview], None]) -> None:
         view = memoryview(self.buf)
@@ -336,7 +345,8 @@ class LeanAssociation:
             ae_title=str(primitive.calling_ae_title).strip(),
             called_ae=str(primitive.called_ae_title).strip(),
         )
-        self.reader = _Reader(sock)
+        self.timeout = acceptor.admission.settings.network_timeout
+        self.reader = _Reader(sock, self.timeout)
         self.data = bytearray()
         self.current: _Instance | None = None
         self.command = bytearray()
@@ -347,7 +357,6 @@ class LeanAssociation:
 
     def run(self) -> None:
         try:
-            self.sock.settimeout(self.acceptor.admission.settings.network_timeout)
             self.reader.exact(len(self.request))  # the request, peeked by the gate
             if not self._associate():
                 return
@@ -398,7 +407,9 @@ class LeanAssociation:
         limit = self.acceptor.admission.settings.pdu_limit
         reader = self.reader
         while True:
+            reader.deadline = None
             pdu_type, _, length = struct.unpack(">BBI", reader.exact(6))
+            reader.deadline = time.monotonic() + self.timeout
             if pdu_type == P_DATA_TF:
                 if length > limit:
                     raise ProtocolError(f"P-DATA-TF of {length} bytes", "pdu_too_large")

@@ -91,22 +91,33 @@ class IncomingSpool:
         tmp = self.tmp / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
 
-    def place(self, series_uid: str, sop_uid: str, tmp: Path, tags: Mapping[str, str]) -> Path:
+    def place(
+        self,
+        series_uid: str,
+        sop_uid: str,
+        tmp: Path,
+        tags: Mapping[str, str],
+        *,
+        sync: bool = True,
+    ) -> Path:
         """Move a complete temporary file (already ``fdatasync``-ed) into its series folder.
 
-        The rename and the folder are made durable before this returns; on ``OSError`` the
-        temporary file is removed.
+        The rename and the folder are made durable before this returns (unless ``sync`` is
+        false: the receive journal syncs a whole batch at once); on ``OSError`` the temporary
+        file is removed.
         """
         series_name = safe_component(series_uid)
         name = safe_component(sop_uid) + DCM_SUFFIX
         try:
-            return self._place(series_name, name, tmp, tags)
+            return self._place(series_name, name, tmp, tags, sync=sync and self.fsync)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
 
-    def _place(self, series_name: str, name: str, tmp: Path, tags: Mapping[str, str]) -> Path:
+    def _place(
+        self, series_name: str, name: str, tmp: Path, tags: Mapping[str, str], *, sync: bool
+    ) -> Path:
         # A router may take the series folder away at any moment; then start a new one.
         for _ in range(20):
             series_dir = self.folder / series_name
@@ -122,7 +133,7 @@ class IncomingSpool:
                 os.rename(tmp, series_dir / name)
             except FileNotFoundError:
                 continue
-            if self.fsync:
+            if sync:
                 try:
                     fsync_dir(series_dir)
                 except FileNotFoundError:

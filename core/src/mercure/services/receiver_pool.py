@@ -28,7 +28,7 @@ READY = "ready\n"
 START_TIMEOUT = 30.0
 
 
-def _worker(config_data: dict[str, Any], port: int, fsync: bool) -> None:
+def _worker(config_data: dict[str, Any], port: int, fsync: bool, index: int = 1) -> None:
     """Body of one extra receiver process (started with ``spawn``: no inherited threads)."""
     from mercure.builtin.dicom_receiver import dicom_receiver_for
     from mercure.plugins import build_plugin_manager
@@ -43,6 +43,7 @@ def _worker(config_data: dict[str, Any], port: int, fsync: bool) -> None:
     configure_logging(config.log_level)
     receiver = dicom_receiver_for(config, IncomingSpool(config.folder("incoming"), fsync=fsync))
     receiver.reuse_port = True
+    receiver.journal_owner = f"worker-{index}"  # its own receive journal, recovered at start
     receiver.start()
     sys.stdout.write(READY)
     sys.stdout.flush()
@@ -61,12 +62,12 @@ class ReceiverPool:
         data["port"] = port
         data["dicom_receiver"]["tls"] = None  # the TLS port stays with the main process
         data["dicom_receiver"]["processes"] = 1
-        self.request = json.dumps({"config": data, "port": port, "fsync": fsync}).encode()
+        self.request = {"config": data, "port": port, "fsync": fsync}
         self.port = port
         self.count = count
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # A fresh interpreter (no inherited threads or locks); the configuration goes over stdin
         # so that no secret shows in the process list.
         process = subprocess.Popen(
@@ -75,7 +76,7 @@ class ReceiverPool:
             stdout=subprocess.PIPE,
         )
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(self.request)
+        process.stdin.write(json.dumps({**self.request, "index": index}).encode())
         process.stdin.close()
         ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
         line = process.stdout.readline() if ready else b""
@@ -90,7 +91,7 @@ class ReceiverPool:
         return process
 
     def start(self) -> None:
-        self.processes = [self._spawn() for _ in range(self.count)]
+        self.processes = [self._spawn(i + 1) for i in range(self.count)]
         log.info(
             "receiver processes started",
             count=self.count,
@@ -107,7 +108,7 @@ class ReceiverPool:
                     pid=process.pid,
                     exitcode=process.returncode,
                 )
-                self.processes[i] = self._spawn()
+                self.processes[i] = self._spawn(i + 1)
 
     def stop(self, timeout: float = 10.0) -> None:
         for process in self.processes:
@@ -124,4 +125,4 @@ class ReceiverPool:
 
 if __name__ == "__main__":
     request = json.loads(sys.stdin.buffer.read())
-    _worker(request["config"], int(request["port"]), bool(request["fsync"]))
+    _worker(request["config"], int(request["port"]), bool(request["fsync"]), int(request["index"]))
