@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from hostile import running_receiver, stored_sop_uids
 from mercure.builtin import dicom_store_scp
-from mercure.builtin.dicom_store_scp import IMPLEMENTATION_CLASS_UID
+from mercure.builtin.dicom_store_wire import IMPLEMENTATION_CLASS_UID
 from mercure.jobs.incoming import IncomingSpool
 from mercure.testing_dicom import dcmtk_storescu, make_dataset, make_series
 

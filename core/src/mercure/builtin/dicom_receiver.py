@@ -29,6 +29,7 @@ from mercure.builtin.dicom_gate import tls_failure
 from mercure.builtin.dicom_negotiation import NegotiationSettings
 from mercure.builtin.dicom_server import configure_ae, serve
 from mercure.builtin.dicom_store_scp import LeanStoreAcceptor, lean_enabled
+from mercure.builtin.dicom_store_wire import MetaBuffer
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
 from mercure.dicomstream import TruncatedDatasetError, check_dataset
 from mercure.fsutil import is_valid_uid
@@ -168,23 +169,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
-
-
-class _MetaBuffer:
-    """Collects the encoded file meta information (pydicom writes it to a file-like)."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def tell(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def getvalue(self) -> bytes:
-        return b"".join(self.parts)
 
 
 class DicomReceiverSettings(DicomReceiverConfig):
@@ -364,8 +348,8 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             return _status(STATUS_NOT_AUTHORIZED, "address not allowed")
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID or "")
-        meta = _MetaBuffer()
-        write_file_meta_info(meta, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        meta = MetaBuffer()
+        write_file_meta_info(meta, event.file_meta, enforce_standard=True)
         stream = request.DataSet.getbuffer()
         try:
             return self.keep(
