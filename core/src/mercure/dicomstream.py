@@ -131,3 +131,44 @@ def _walk_undefined(
             if pos + length > end:
                 raise TruncatedDatasetError(f"item of {length} bytes cut off at byte {pos}")
             pos += length
+
+
+def top_level_value(stream: bytes | memoryview, transfer_syntax: str, tag: int) -> bytes | None:
+    """The raw value of a top-level element, found by walking element headers only.
+
+    Elements are in ascending tag order, so the walk stops at the first tag past ``tag``.
+    None when it is absent, the syntax is deflated, or the headers do not add up (the
+    caller then parses the dataset properly).
+    """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return None
+    data = memoryview(stream)
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+    u16 = struct.Struct(endian + "H")
+    u32 = struct.Struct(endian + "I")
+    pos, end = 0, len(data)
+    try:
+        while pos + 8 <= end:
+            group, elem = u16.unpack_from(data, pos)[0], u16.unpack_from(data, pos + 2)[0]
+            current = (group << 16) | elem
+            if current > tag:
+                return None
+            if implicit:
+                length = u32.unpack_from(data, pos + 4)[0]
+                pos += 8
+            elif bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+                length = u32.unpack_from(data, pos + 8)[0]
+                pos += 12
+            else:
+                length = u16.unpack_from(data, pos + 6)[0]
+                pos += 8
+            if length == _UNDEFINED:
+                pos = _walk_undefined(data, pos, end, implicit, endian, 0)
+                continue
+            if current == tag:
+                return bytes(data[pos : pos + length]) if pos + length <= end else None
+            pos += length
+    except (TruncatedDatasetError, struct.error):
+        return None
+    return None

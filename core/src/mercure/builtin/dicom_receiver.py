@@ -31,7 +31,7 @@ from mercure.builtin.dicom_server import configure_ae, serve
 from mercure.builtin.dicom_store_scp import LeanStoreAcceptor, lean_enabled
 from mercure.builtin.dicom_store_wire import MetaBuffer
 from mercure.config import Config, DicomReceiverConfig, ReceiverTLSConfig
-from mercure.dicomstream import TruncatedDatasetError, check_dataset
+from mercure.dicomstream import TruncatedDatasetError, check_dataset, top_level_value
 from mercure.fsutil import is_valid_uid
 from mercure.jobs.incoming import IncomingSpool
 from mercure.jobs.journal import ReceiveJournal, journal_enabled, recover_all
@@ -51,6 +51,7 @@ UNCOMPRESSED = [
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 ]
 
+SERIES_INSTANCE_UID = 0x0020000E
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -197,6 +198,8 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         super().__init__(name, settings, context)
         self.config = settings  # port, accept_compressed_images
         self.extra_tags = list(self.settings.additional_tags)
+        #: Routing tags by series UID, of the first instance this process parsed (see keep).
+        self._series_tags: dict[str, dict[str, str]] = {}
         self.servers: list[ThreadedAssociationServer] = []
         self.on_stored: Callable[[str, str], None] | None = None
         #: Connection and refusal counters of both ports (see ``dicom_admission``).
@@ -362,6 +365,33 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
         finally:
             del stream  # release the export so pynetdicom can reuse the buffer
 
+    #: How many series' routing tags :meth:`keep` remembers (a few per association).
+    SERIES_TAGS_CACHE = 256
+
+    def _known_series_tags(self, stream: memoryview, transfer_syntax: str) -> dict[str, str] | None:
+        """The routing tags of an earlier instance of this series, if the spool uses no others.
+
+        Parsing a dataset's tags costs about a millisecond; the spool keeps the tags of a
+        series' first instance only, so later instances of a series whose folder holds its
+        tags need only their Series Instance UID, found by walking element headers.
+        """
+        raw = top_level_value(stream, transfer_syntax, SERIES_INSTANCE_UID)
+        if raw is None:
+            return None
+        series_uid = raw.rstrip(b"\x00 ").decode("ascii", "replace")
+        tags = self._series_tags.get(series_uid)
+        if tags is None or not self.spool.has_series_tags(series_uid):
+            return None
+        return tags
+
+    def _remember_series_tags(self, series_uid: str, tags: dict[str, str]) -> None:
+        if series_uid in self._series_tags:
+            return
+        if len(self._series_tags) >= self.SERIES_TAGS_CACHE:
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
+                del self._series_tags[next(iter(self._series_tags))]
+        self._series_tags[series_uid] = tags
+
     def address_allowed(self, address: str) -> bool:
         allowed = self.settings.allowed_addresses
         return not allowed or address in allowed
@@ -396,10 +426,10 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
             )
             return _status(STATUS_CANNOT_UNDERSTAND, f"malformed or truncated dataset: {exc}")
         try:
-            if written is None:
-                tags = read_tags(header + bytes(stream), self.extra_tags)
-            else:
-                tags = read_tags(str(written), self.extra_tags)
+            tags = self._known_series_tags(stream, transfer_syntax)
+            if tags is None:
+                source = header + bytes(stream) if written is None else str(written)
+                tags = read_tags(source, self.extra_tags)
         except Exception as exc:
             log.warning(
                 "refused instance: not a readable DICOM dataset",
@@ -420,6 +450,7 @@ class DicomReceiver(Receiver[DicomReceiverSettings]):
                 series_uid=series_uid,
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "invalid SeriesInstanceUID")
+        self._remember_series_tags(series_uid, tags)
         tags = with_receiver_tags(
             tags,
             sender_address=who.address,

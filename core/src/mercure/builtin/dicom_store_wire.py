@@ -9,10 +9,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
-
 from mercure.builtin.dicom_negotiation import Outcome
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -129,21 +125,38 @@ def parse_command(raw: bytes) -> Command:
     )
 
 
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
 def file_meta_header(
     sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str
 ) -> bytes:
-    """Preamble and file meta information of the Part 10 file of a received instance."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buffer = MetaBuffer()
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return _PREAMBLE + b"".join(buffer.parts)
+    """Preamble and file meta information (PS3.10 7.1) of the Part 10 file of an instance.
+
+    Encoded directly (Explicit VR Little Endian): pydicom's writer costs a millisecond per
+    instance, as long as receiving the instance.
+    """
+    elements = (
+        _meta_element(0x0001, b"OB", b"\x00\x01")
+        + _meta_element(0x0002, b"UI", _padded(sop_class, b"\x00"))
+        + _meta_element(0x0003, b"UI", _padded(sop_instance, b"\x00"))
+        + _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00"))
+        + _meta_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00"))
+        + _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION, b" "))
+    )
+    title = source_ae.strip()[:16]
+    if title:
+        elements += _meta_element(0x0016, b"AE", _padded(title, b" "))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return _PREAMBLE + group_length + elements
 
 
 class MetaBuffer:

@@ -82,6 +82,10 @@ class IncomingSpool:
         os.close(fd)
         return self.place(series_uid, sop_uid, tmp, tags)
 
+    def has_series_tags(self, series_uid: str) -> bool:
+        """Whether the series is arriving with its routing tags stored (later ones are unused)."""
+        return os.path.exists(os.path.join(self.folder, safe_component(series_uid), TAGS_FILE))
+
     def open_tmp(self) -> tuple[int, Path]:
         """A new temporary file for an instance (its descriptor and path), to :meth:`place` later.
 
