@@ -294,6 +294,30 @@ def durable_floor(folder: Path, count: int, size: int, group: int = 0) -> float:
     return elapsed
 
 
+def journal_floor(folder: Path, count: int, size: int) -> float:
+    """Seconds for the receiver's own journal to make ``count`` instances durable.
+
+    The time until the last ``store`` returned (each returns once its record is written and
+    ``fdatasync``-ed, when the receiver may answer); moving them into the spool happens in the
+    background and is not counted.
+    """
+    from mercure.jobs.incoming import IncomingSpool
+    from mercure.jobs.journal import ReceiveJournal
+
+    spool = IncomingSpool(folder / "incoming")
+    journal = ReceiveJournal(spool)
+    journal.open()
+    payload = os.urandom(size)
+    settle_disk()
+    start = time.perf_counter()
+    for i in range(count):
+        journal.store("1.2.3", f"1.2.3.{i}", [payload], {"Modality": "CT"})
+    elapsed = time.perf_counter() - start
+    journal.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return elapsed
+
+
 ORTHANC_FORWARD_LUA = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
   SendToModality(instanceId, 'target')

@@ -37,6 +37,7 @@ from common import (
     StoreSCP,
     durable_floor,
     free_port,
+    journal_floor,
     make_ct_series,
     orthanc_forwarding_to,
     report,
@@ -141,6 +142,7 @@ def main() -> None:
         runs["floor_group"] = [
             durable_floor(base / "floor", n, size, args.group) for _ in range(args.repeat)
         ]
+        runs["floor_journal"] = [journal_floor(base / "floor", n, size) for _ in range(args.repeat)]
     m = {name: median(values) for name, values in runs.items()}
     ref, ref4, r1, r4 = m["direct"], m["direct4"], m["router"], m["router4"]
     figures = {
@@ -165,6 +167,7 @@ def main() -> None:
         "floor_per_instance_s": round(m["floor_per_instance"], 3),
         "floor_group_s": round(m["floor_group"], 3),
         "floor_group_size": args.group,
+        "floor_journal_s": round(m["floor_journal"], 3),
         "send_storescu_s": round(m["send_storescu"], 3),
         "send_lean_s": round(m["send_lean"], 3),
         "send_pynetdicom_s": round(m["send_pynetdicom"], 3),
@@ -181,7 +184,8 @@ def main() -> None:
         f"4 assocs {r4:.2f} s (ratio {f['ratio_4assoc']:.2f}, goal 0.5); "
         f"4 vs 1: {f['scaling_4_vs_1']:.2f} (goal 1)",
         f"durable floor:   {f['floor_per_instance_s']:.2f} s per-instance sync, "
-        f"{f['floor_group_s']:.2f} s group commit of {args.group} ({n} x {size / 1e6:.2f} MB)",
+        f"{f['floor_group_s']:.2f} s group commit of {args.group}, "
+        f"{f['floor_journal_s']:.2f} s receive journal ({n} x {size / 1e6:.2f} MB)",
         f"send only:       sender {f['send_lean_s']:.2f} s, storescu {f['send_storescu_s']:.2f} s "
         f"(ratio {f['ratio_send']:.2f}); pynetdicom send_c_store {f['send_pynetdicom_s']:.2f} s",
     ]
