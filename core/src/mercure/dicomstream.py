@@ -74,28 +74,13 @@ def _walk(
     u16 = struct.Struct(endian + "H")
     u32 = struct.Struct(endian + "I")
     while pos < end:
-        if pos + 8 > end:
-            raise TruncatedDatasetError(f"element header cut off at byte {pos}")
-        group, elem = u16.unpack_from(data, pos)[0], u16.unpack_from(data, pos + 2)[0]
-        tag = (group << 16) | elem
+        tag, length, value = _element_header(data, pos, end, implicit, u16, u32)
         if tag in (_ITEM_DELIM, _SEQ_DELIM):
             if stop_at is not None and tag == stop_at:
                 return pos + 8
             raise TruncatedDatasetError(f"unexpected delimiter at byte {pos}")
-        if implicit or group == 0xFFFE:
-            vr = b""
-            length = u32.unpack_from(data, pos + 4)[0]
-            pos += 8
-        else:
-            vr = bytes(data[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise TruncatedDatasetError(f"element header cut off at byte {pos}")
-                length = u32.unpack_from(data, pos + 8)[0]
-                pos += 12
-            else:
-                length = u16.unpack_from(data, pos + 6)[0]
-                pos += 8
+        pos = value
+        group, elem = tag >> 16, tag & 0xFFFF
         if length == _UNDEFINED:
             pos = _walk_undefined(data, pos, end, implicit, endian, depth)
             continue
@@ -106,6 +91,23 @@ def _walk(
             )
         pos += length
     return pos
+
+
+def _element_header(
+    data: memoryview, pos: int, end: int, implicit: bool, u16: struct.Struct, u32: struct.Struct
+) -> tuple[int, int, int]:
+    """The tag, value length and value offset of the element whose header starts at ``pos``."""
+    if pos + 8 > end:
+        raise TruncatedDatasetError(f"element header cut off at byte {pos}")
+    group, elem = u16.unpack_from(data, pos)[0], u16.unpack_from(data, pos + 2)[0]
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        return tag, u32.unpack_from(data, pos + 4)[0], pos + 8
+    if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+        if pos + 12 > end:
+            raise TruncatedDatasetError(f"element header cut off at byte {pos}")
+        return tag, u32.unpack_from(data, pos + 8)[0], pos + 12
+    return tag, u16.unpack_from(data, pos + 6)[0], pos + 8
 
 
 def _walk_undefined(
@@ -150,19 +152,9 @@ def top_level_value(stream: bytes | memoryview, transfer_syntax: str, tag: int) 
     pos, end = 0, len(data)
     try:
         while pos + 8 <= end:
-            group, elem = u16.unpack_from(data, pos)[0], u16.unpack_from(data, pos + 2)[0]
-            current = (group << 16) | elem
+            current, length, pos = _element_header(data, pos, end, implicit, u16, u32)
             if current > tag:
                 return None
-            if implicit:
-                length = u32.unpack_from(data, pos + 4)[0]
-                pos += 8
-            elif bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
-                length = u32.unpack_from(data, pos + 8)[0]
-                pos += 12
-            else:
-                length = u16.unpack_from(data, pos + 6)[0]
-                pos += 8
             if length == _UNDEFINED:
                 pos = _walk_undefined(data, pos, end, implicit, endian, 0)
                 continue
