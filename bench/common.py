@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DCMTK = Path("/usr/bin")
 MERCURE = Path(sys.executable).parent / "mercure"
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The router runs with the receive journal (opt-in, see mercure.jobs.journal) unless the
+#: environment says otherwise.
+ENV = {"MERCURE_RECEIVE_JOURNAL": "1", **os.environ, "TCP_NODELAY": "1"}
 
 
 def require_dcmtk() -> None:

@@ -61,7 +61,10 @@ def test_an_instance_larger_than_the_memory_limit_streams_to_disk_intact(tmp_pat
     assert list((receiver.spool.tmp).iterdir()) == []
 
 
-def test_a_durable_receiver_stores_through_the_journal(tmp_path: Path) -> None:
+def test_a_durable_receiver_stores_through_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERCURE_RECEIVE_JOURNAL", "1")
     from mercure.builtin.dicom_receiver import dicom_receiver_for
     from mercure.testing_router import config_for
 
