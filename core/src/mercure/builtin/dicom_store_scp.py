@@ -81,6 +81,7 @@ READ_BUFFER = 1 << 20
 MAX_COMMAND = 64 * 1024
 
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_NOT_AUTHORIZED = 0x0124
 
 
@@ -229,7 +230,6 @@ class LeanAssociation:
         self.current: _Instance | None = None
         self.command = bytearray()
         self.command_context = 0
-        self.stored = 0
 
     # -- life -----------------------------------------------------------------------------
 
@@ -433,7 +433,7 @@ class LeanAssociation:
             if self.receiver.spool.fsync:
                 os.fdatasync(instance.fd)
         except OSError as exc:
-            return 0xA700, f"cannot store: {exc.strerror or exc}"
+            return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}"
         os.close(instance.fd)
         instance.fd = -1
         assert instance.tmp is not None
@@ -462,8 +462,6 @@ class LeanAssociation:
     def _respond(
         self, context_id: int, field: int, command: Command, status: int, comment: str
     ) -> None:
-        if field == C_STORE_RSP and status == 0:
-            self.stored += 1
         sop_class = command.sop_class or (Verification if field == C_ECHO_RSP else "")
         raw = response_command(
             field, command.message_id, sop_class, command.sop_instance, status, comment
